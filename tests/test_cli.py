@@ -1,0 +1,127 @@
+"""The `uniner` command as a user meets it: help, dry runs, and one clear line for bad input."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from uniner.config import STAGE_CONFIGS
+
+STAGES = ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
+
+
+def test_help_lists_the_seven_subcommands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in [*STAGES, "pipeline"]:
+        assert f"\n    {name}" in result.stdout
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_help_documents_every_setting(stage):
+    result = run_cli(stage, "--help")
+    assert result.returncode == 0
+    for name in STAGE_CONFIGS[stage].__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in result.stdout
+    assert "--dry-run" in result.stdout and "--config" in result.stdout
+
+
+def test_passages_dry_run_prints_settings_and_plan_and_writes_nothing(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text(json.dumps({"text": "Hello Paris."}) + "\n")
+    (docs / "b.txt").write_text("Bonjour.")
+    out = tmp_path / "out"
+    result = run_cli("passages", "--input", str(docs), "--output", str(out), "--max-tokens", "64", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "max_tokens: 64" in result.stdout
+    assert "read 2 files" in result.stdout and "1 jsonl, 1 txt" in result.stdout
+    assert not out.exists()
+
+
+def test_yaml_config_and_override_on_the_command_line(tmp_path):
+    (tmp_path / "d.txt").write_text("Hello.")
+    config = tmp_path / "p.yaml"
+    config.write_text(f"input: {tmp_path / 'd.txt'}\noutput: {tmp_path / 'o'}\nseed: 4\nmax_tokens: 99\n")
+    result = run_cli("passages", "--config", str(config), "--seed", "5", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "seed: 5" in result.stdout and "max_tokens: 99" in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["annotate", "build-data", "train", "extract", "evaluate"])
+def test_stages_not_built_yet_say_so_in_one_line(stage, tmp_path):
+    result = run_cli(stage, "--config", str(_full_config(tmp_path, stage)))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "not built yet" in result.stderr
+
+
+def _full_config(tmp_path, stage):
+    values = {"input": "x", "output": "y", "data": "x", "types": "person", "model": "m"}
+    if stage == "evaluate":
+        values["data"] = ["x"]
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({k: v for k, v in values.items() if k in STAGE_CONFIGS[stage].__dataclass_fields__}))
+    return path
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("uniner: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_input_path(tmp_path):
+    result = run_cli("passages", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"))
+    _assert_one_line_error(result, "nothing", "does not exist", "check the path")
+
+
+def test_unknown_setting_in_yaml(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("input: a\noutput: b\nchunk_size: 3\n")
+    _assert_one_line_error(run_cli("passages", "--config", str(config)), "unknown setting 'chunk_size'")
+
+
+def test_unreadable_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"input: \xff\xfe\n")
+    _assert_one_line_error(run_cli("passages", "--config", str(config)), "not valid YAML")
+
+
+def test_model_spec_that_cannot_be_resolved(tmp_path):
+    (tmp_path / "d.txt").write_text("Hello there, Paris.")
+    result = run_cli("passages", "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "o"), "--tokenizer", "not a model!")
+    _assert_one_line_error(result, "model 'not a model!' is not a local folder")
+
+
+def test_unreachable_storage(tmp_path):
+    result = run_cli(
+        "passages", "--input", "s3://bucket/docs/", "--output", str(tmp_path / "o"), "--s3-endpoint-url", "http://127.0.0.1:9",
+        env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+    )
+    _assert_one_line_error(result, "s3://bucket/docs", "cannot be reached", "endpoint")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("passages", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_pipeline_rejects_stages_not_built_yet(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"workdir: {tmp_path / 'w'}\nstages: [passages, annotate]\npassages: {{input: {tmp_path}}}\n")
+    _assert_one_line_error(run_cli("pipeline", str(config)), "not built yet")
+
+
+def test_pipeline_set_override_reaches_the_stage(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"workdir: {tmp_path / 'w'}\nsample_corpus_docs: 5\nstages: [passages]\n")
+    result = run_cli("pipeline", str(config), "--set", "passages.max_tokens=77", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "max_tokens: 77" in result.stdout
+    assert f"input: {tmp_path / 'w' / 'corpus'}" in result.stdout

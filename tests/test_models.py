@@ -1,0 +1,74 @@
+"""Model specs -> local folders: the built-in model, local folders, s3:// prefixes, hub ids, and bad specs."""
+
+import pytest
+
+from uniner import storage
+from uniner.errors import UserError
+from uniner.models import MARKER, load_causal_lm, resolve_model
+
+
+def test_builtin_model_loads_and_generates(builtin_model_dir):
+    import torch
+
+    assert (builtin_model_dir / "model.safetensors").is_file() and (builtin_model_dir / "tokenizer.json").is_file()
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    assert len(new_tokens) == 4
+    assert "Paris" in tokenizer.decode(new_tokens)
+
+
+def test_builtin_model_builds_into_an_empty_cache(tmp_path, monkeypatch, builtin_model_dir):
+    from safetensors import safe_open
+
+    monkeypatch.setenv("UNINER_CACHE_DIR", str(tmp_path / "cache"))
+    folder = resolve_model("smollm2-135m-instruct")
+    assert folder == tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    assert (folder / MARKER).is_file()
+    with safe_open(folder / "model.safetensors", "pt") as fresh, safe_open(builtin_model_dir / "model.safetensors", "pt") as cached:
+        assert sorted(fresh.keys()) == sorted(cached.keys())
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert fresh.get_tensor(name).equal(cached.get_tensor(name))
+    assert "quantization_config" not in (folder / "config.json").read_text()
+
+
+def test_local_folder_is_used_in_place(builtin_model_dir):
+    assert resolve_model(str(builtin_model_dir)) == builtin_model_dir
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_s3_model_is_downloaded_once(tmp_path, monkeypatch, tiny_model_dir, s3_bucket, s3_endpoint):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("UNINER_CACHE_DIR", str(tmp_path / "cache"))
+    storage.upload_tree(str(tiny_model_dir), storage.locate(f"{s3_bucket}/student", s3_endpoint_url=s3_endpoint))
+    folder = resolve_model(f"{s3_bucket}/student", s3_endpoint_url=s3_endpoint)
+    assert (folder / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 2
+    # The second resolution uses the cache: it works with the store unreachable.
+    assert resolve_model(f"{s3_bucket}/student", s3_endpoint_url="http://127.0.0.1:9") == folder
+
+
+def test_s3_prefix_without_model_is_refused(tmp_path, monkeypatch, s3_bucket, s3_endpoint):
+    monkeypatch.setenv("UNINER_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve_model(f"{s3_bucket}/empty", s3_endpoint_url=s3_endpoint)
+
+
+def test_unreachable_hub_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="cannot fetch model 'Universal-NER/UniNER-7B-type' from the Hugging Face hub.*local folder"):
+        resolve_model("Universal-NER/UniNER-7B-type")
+
+
+@pytest.mark.parametrize("spec", ["not a model!", "./missing-folder/x/y", "smollm2"])
+def test_unresolvable_specs(spec):
+    with pytest.raises(UserError, match="is not a local folder, an s3:// prefix, a hub id"):
+        resolve_model(spec)

@@ -1,0 +1,5 @@
+import sys
+
+from uniner.cli import main
+
+sys.exit(main())

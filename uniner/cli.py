@@ -1,0 +1,136 @@
+"""The `uniner` command: one subcommand per stage, plus `pipeline CONFIG.yaml` for several at once."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from uniner import __version__
+from uniner.config import STAGE_CONFIGS, PipelineConfig, add_arguments, load_config, to_dict
+from uniner.errors import UserError
+
+log = logging.getLogger("uniner")
+
+# Stage name -> module with `plan(config) -> list[str]`, `run(config) -> dict` and `summary_lines(dict)`.
+STAGE_MODULES = {"passages": "uniner.passages"}
+
+
+def stage_module(name: str):
+    if name not in STAGE_MODULES:
+        raise UserError(f"`uniner {name}` is not built yet in uniner {__version__}; the stages available are: {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="Print the resolved settings and the planned work, and do nothing.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks and debug logs.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uniner",
+        description="Open named-entity recognition by targeted distillation (UniversalNER), run as Ray batch jobs.",
+    )
+    parser.add_argument("--version", action="version", version=f"uniner {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cls in STAGE_CONFIGS.items():
+        summary = (cls.__doc__ or "").strip().split(": ", 1)[-1]
+        if name not in STAGE_MODULES:
+            summary += " (not built yet)"
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument("--config", metavar="FILE.yaml", help="Load settings from a YAML mapping; options given here override it.")
+        _common(sub)
+        add_arguments(sub, cls)
+        sub.set_defaults(handler=_run_stage, stage=name)
+    pipeline = commands.add_parser(
+        "pipeline",
+        help="Run several stages from one YAML file, each stage's output the next one's input.",
+        description=(PipelineConfig.__doc__ or "").strip() + " Top-level keys: "
+        + ", ".join(f"{k} ({v})" for k, v in _pipeline_help().items()) + "; plus one mapping of settings per stage.",
+    )
+    pipeline.add_argument("config_file", metavar="CONFIG.yaml", help="The pipeline file (see jobs/local.yaml).")
+    pipeline.add_argument("--set", action="append", default=[], metavar="STAGE.SETTING=VALUE", help="Override one setting, e.g. --set passages.max_tokens=128 or --set workdir=out.")
+    _common(pipeline)
+    pipeline.set_defaults(handler=_run_pipeline)
+    return parser
+
+
+def _pipeline_help() -> dict[str, str]:
+    import dataclasses
+
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(PipelineConfig)}
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    cls = STAGE_CONFIGS[args.stage]
+    overrides = {k: v for k, v in vars(args).items() if k in {f for f in cls.__dataclass_fields__}}
+    config = load_config(cls, yaml_path=args.config, overrides=overrides)
+    module = stage_module(args.stage)
+    if args.dry_run:
+        _print_dry_run(args.stage, config, module.plan(config))
+        return 0
+    summary = module.run(config)
+    print(f"\nuniner {args.stage}: done")
+    for line in module.summary_lines(summary):
+        print("  " + line)
+    return 0
+
+
+def _print_dry_run(name: str, config: Any, plan: list[str]) -> None:
+    print(f"# uniner {name} --dry-run: resolved settings")
+    print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
+    print("# planned work")
+    for line in plan:
+        print(f"- {line}")
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from uniner import pipeline
+
+    return pipeline.run_file(args.config_file, overrides=args.set, dry_run=args.dry_run)
+
+
+def _find_user_error(error: BaseException) -> UserError | None:
+    """A UserError raised inside a Ray task arrives wrapped; find it in the cause chain."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("filelock", "urllib3", "botocore", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("uniner: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the one place that decides how errors reach the user
+        user_error = _find_user_error(error)
+        if args.debug:
+            raise
+        if user_error is not None:
+            print(f"uniner: error: {user_error}", file=sys.stderr)
+            return 2
+        reason = " ".join(str(error).split())[:500]
+        print(f"uniner: internal error: {type(error).__name__}: {reason} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Typed settings: one dataclass per stage, every field with a one-line help and a default.
+
+The same settings load from YAML (a mapping of field names) and from the command line (`--field-name VALUE`);
+the command line wins. `load_config` does both and checks every value against its field's type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uniner.errors import UserError
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config field with its one-line description."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """Settings every stage shares."""
+
+    s3_endpoint_url: str = setting(
+        "", "S3-compatible endpoint for s3:// locations; empty: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS."
+    )
+    overwrite: bool = setting(False, "Replace an existing output instead of stopping with an error.")
+
+    def check(self) -> None:
+        """Raise UserError for settings that cannot work together; subclasses add their own rules."""
+
+
+def _require(value: str, flag: str, what: str) -> None:
+    if not value:
+        raise UserError(f"missing --{flag}: give {what}")
+
+
+@dataclass(kw_only=True)
+class PassagesConfig(StageConfig):
+    """`uniner passages`: documents -> passages of at most `max_tokens` student tokens, deduplicated and sampled."""
+
+    input: str = setting("", "Documents: a file, directory or glob of .jsonl/.parquet/.txt (optionally .gz/.zst), local or s3://.")
+    output: str = setting("", "Output directory (local or s3://): passages as Parquet, plus _rejects/ and _summary.json.")
+    input_format: str = setting("auto", "Document format: auto (from the file extension), jsonl, parquet or txt.")
+    text_field: str = setting("text", "Field holding the document text in JSONL and Parquet input.")
+    id_field: str = setting("", "Field holding a document id; empty: the file path plus line or row number.")
+    tokenizer: str = setting(BUILTIN_MODEL, "Model spec whose tokenizer counts tokens (the student's).")
+    max_tokens: int = setting(256, "Upper bound on the tokens of one passage.")
+    min_tokens: int = setting(8, "Passages with fewer tokens are dropped as too short.")
+    dedup: bool = setting(True, "Drop passages whose normalized text repeats an earlier one.")
+    sample_size: int = setting(0, "Keep this many passages, sampled deterministically from the seed; 0 keeps all.")
+    seed: int = setting(0, "Seed of the sampling.")
+    num_workers: int = setting(0, "Parallel reader/chunker actors; 0: one per CPU of the Ray cluster.")
+
+    def check(self) -> None:
+        _require(self.input, "input", "the documents to read (a path, glob or s3:// URI)")
+        _require(self.output, "output", "the directory to write passages to (a path or s3:// URI)")
+        if self.input_format not in ("auto", "jsonl", "parquet", "txt"):
+            raise UserError(f"unknown --input-format {self.input_format!r}: use auto, jsonl, parquet or txt")
+        if self.max_tokens < 8:
+            raise UserError(f"--max-tokens {self.max_tokens} is too small: use at least 8")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise UserError(f"--min-tokens must lie between 0 and --max-tokens ({self.max_tokens})")
+        if self.sample_size < 0 or self.num_workers < 0:
+            raise UserError("--sample-size and --num-workers cannot be negative")
+
+
+@dataclass(kw_only=True)
+class AnnotateConfig(StageConfig):
+    """`uniner annotate`: passages -> (entity, type) labels from a teacher LLM behind an OpenAI-compatible API."""
+
+    input: str = setting("", "Passages from `uniner passages` (directory of Parquet, local or s3://).")
+    output: str = setting("", "Output directory for the annotations (local or s3://).")
+    base_url: str = setting("https://api.openai.com/v1", "Base URL of the OpenAI-compatible endpoint.")
+    model: str = setting("gpt-3.5-turbo", "Teacher model name as the endpoint knows it.")
+    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable that holds the API key (the key itself is never logged).")
+    prompt_variant: str = setting("type", "Teacher prompt: type (entity types) or definition (short type definitions).")
+    temperature: float = setting(0.0, "Sampling temperature of the teacher.")
+    max_tokens: int = setting(1024, "Bound on the tokens of one teacher answer.")
+    concurrency: int = setting(32, "Requests in flight per actor.")
+    num_actors: int = setting(2, "Actors sending requests.")
+    requests_per_minute: int = setting(500, "Request rate limit for the whole job, over all actors and nodes.")
+    tokens_per_minute: int = setting(200_000, "Token rate limit for the whole job, over all actors and nodes.")
+    max_retries: int = setting(6, "Retries of one request on 429, 5xx, timeouts and dropped connections.")
+    timeout_s: float = setting(60.0, "Timeout of one request in seconds.")
+    price_input_per_mtok: float = setting(0.0, "Price of one million input tokens, for the cost estimate.")
+    price_output_per_mtok: float = setting(0.0, "Price of one million output tokens, for the cost estimate.")
+
+    def check(self) -> None:
+        _require(self.input, "input", "the passages to annotate (output of `uniner passages`)")
+        _require(self.output, "output", "the directory to write annotations to")
+        if self.prompt_variant not in ("type", "definition"):
+            raise UserError(f"unknown --prompt-variant {self.prompt_variant!r}: use type or definition")
+
+
+@dataclass(kw_only=True)
+class BuildDataConfig(StageConfig):
+    """`uniner build-data`: annotations or labelled NER files -> UniNER conversations (Pile-NER train.json shape)."""
+
+    input: str = setting("", "Annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files.")
+    output: str = setting("", "Output location of the conversations.")
+    input_kind: str = setting("auto", "What the input is: auto, annotations, conversations or bio.")
+    negatives_per_passage: int = setting(2, "Negative types per passage, drawn by type frequency, answered [].")
+    definition: bool = setting(False, "Build definition-style questions instead of type names.")
+    dataset_name: str = setting("", "Supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
+    label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types; empty: built-in maps.")
+    bio_column_order: str = setting("token-tag", "Column order of BIO files: token-tag (CrossNER/CoNLL) or tag-token (MIT).")
+    merge_type_variants: bool = setting(False, "Merge case and plural variants of a type, and report the merges.")
+    seed: int = setting(0, "Seed for negative sampling and turn order.")
+
+    def check(self) -> None:
+        _require(self.input, "input", "annotations, a conversations file or BIO files")
+        _require(self.output, "output", "where to write the conversations")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(StageConfig):
+    """`uniner train`: instruction-tune the student on conversations with Ray Train."""
+
+    data: str = setting("", "Conversations from `uniner build-data` (local or s3://).")
+    output: str = setting("", "Checkpoint directory (Hugging Face format; local or s3://).")
+    model: str = setting(BUILTIN_MODEL, "Student model spec: built-in name, local folder, s3:// prefix or hub id.")
+    num_workers: int = setting(1, "Ray Train workers.")
+    use_gpu: bool = setting(False, "Train on GPUs (one per worker).")
+    epochs: float = setting(1.0, "Passes over the data (ignored when max_steps > 0).")
+    max_steps: int = setting(0, "Optimizer steps; 0: derived from epochs.")
+    batch_size: int = setting(4, "Conversations per worker per micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    learning_rate: float = setting(2e-5, "Peak learning rate.")
+    warmup_ratio: float = setting(0.04, "Share of steps with linear warmup before the cosine decay.")
+    max_length: int = setting(1024, "Longest tokenized conversation; longer ones are cut at a turn boundary.")
+    precision: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    lora_rank: int = setting(0, "LoRA rank through peft; 0 trains all weights.")
+    checkpoint_every: int = setting(0, "Save a checkpoint every N steps; 0: only at the end.")
+    seed: int = setting(0, "Seed of data order and turn shuffling.")
+
+    def check(self) -> None:
+        _require(self.data, "data", "the conversations to train on")
+        _require(self.output, "output", "where to write checkpoints")
+
+
+@dataclass(kw_only=True)
+class ExtractConfig(StageConfig):
+    """`uniner extract`: any entity types over a document lake with a UniNER-style model."""
+
+    input: str = setting("", "Documents, read like `uniner passages` input.")
+    output: str = setting("", "Output directory of the extractions.")
+    types: list = setting([], "Entity types to extract, comma-separated; or @FILE with one type per line.")
+    model: str = setting(BUILTIN_MODEL, "Model spec: built-in name, local folder, s3:// prefix or hub id.")
+    backend: str = setting("auto", "auto (vLLM where installed), vllm or transformers.")
+    batch_size: int = setting(64, "Queries per engine batch.")
+    replicas: int = setting(1, "Engine actors.")
+    gpus_per_replica: float = setting(0.0, "GPUs per engine actor; 0 runs on CPU.")
+    max_new_tokens: int = setting(256, "Bound on the tokens of one answer.")
+    case_sensitive: bool = setting(True, "Match entity strings to the text case-sensitively.")
+    output_format: str = setting("parquet", "parquet or jsonl.")
+
+    def check(self) -> None:
+        _require(self.input, "input", "the documents to extract from")
+        _require(self.output, "output", "where to write extractions")
+        if not self.types:
+            raise UserError("missing --types: give entity types, e.g. --types person,location or --types @types.txt")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(StageConfig):
+    """`uniner evaluate`: official UniNER F1 per dataset, with our span F1 beside it."""
+
+    data: list = setting([], "Evaluation files: UniNER eval JSON or BIO/CoNLL, comma-separated.")
+    output: str = setting("", "Report directory: report.json, report.md and report.png.")
+    model: str = setting("", "Model spec to run; leave empty when scoring --predictions.")
+    predictions: str = setting("", "JSONL of {id, output} answers to score instead of running a model.")
+
+    def check(self) -> None:
+        if not self.data:
+            raise UserError("missing --data: give one or more evaluation files")
+        _require(self.output, "output", "the report directory")
+        if bool(self.model) == bool(self.predictions):
+            raise UserError("give exactly one of --model (run a model) or --predictions (score existing answers)")
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "passages": PassagesConfig,
+    "annotate": AnnotateConfig,
+    "build-data": BuildDataConfig,
+    "train": TrainConfig,
+    "extract": ExtractConfig,
+    "evaluate": EvaluateConfig,
+}
+STAGE_ORDER = tuple(STAGE_CONFIGS)
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """`uniner pipeline CONFIG.yaml`: several stages from one file, each stage's output the next one's input."""
+
+    workdir: str = setting("uniner-out", "Directory (local or s3://) holding every stage's output by default.")
+    stages: list = setting(list(STAGE_ORDER), "Stages to run, a contiguous run of: " + ", ".join(STAGE_ORDER) + ".")
+    sample_corpus_docs: int = setting(
+        0, "When > 0, write a generated sample corpus of this many documents to WORKDIR/corpus and read it as input."
+    )
+    s3_endpoint_url: str = setting("", "S3-compatible endpoint, passed to every stage that sets none itself.")
+
+    def check(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGE_CONFIGS]
+        if unknown:
+            raise UserError(f"unknown stage(s) {', '.join(unknown)} in stages: use {', '.join(STAGE_ORDER)}")
+        positions = [STAGE_ORDER.index(s) for s in self.stages]
+        if not positions or positions != list(range(positions[0], positions[0] + len(positions))):
+            raise UserError(f"stages must be a contiguous run in the order {' -> '.join(STAGE_ORDER)}")
+
+
+# ---- reading values from YAML and the command line ----
+
+
+def _base_type(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _base_type(next(arg for arg in typing.get_args(hint) if arg is not type(None)))
+    return typing.get_origin(hint) or hint
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> plain type (str, int, float, bool or list) of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, kind: Any, name: str, where: str) -> Any:
+    """Check and convert one setting value; strings (from the command line) are parsed."""
+    problem = f"setting {name!r} {where}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{problem}: expected true or false, got {value!r}")
+    if kind is list:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+            return [str(item) for item in value]
+        raise UserError(f"{problem}: expected a list or a comma-separated string, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise UserError(f"{problem}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{problem}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{problem}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{problem}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported setting type {kind} for {name}")
+
+
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Make a config from a mapping; unknown names and badly typed values raise UserError."""
+    kinds = field_types(cls)
+    known = ", ".join(name.replace("_", "-") for name in kinds)
+    checked = {}
+    for raw_name, value in values.items():
+        name = str(raw_name).replace("-", "_")
+        if name not in kinds:
+            raise UserError(f"unknown setting {raw_name!r} {where}; known settings: {known}")
+        checked[name] = coerce(value, kinds[name], name, where)
+    return cls(**checked)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping from a local file, with one-line errors."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} does not exist: check the path")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"config file {path} is not valid YAML ({first_line}): fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` option per config field, documented with the field's help and default."""
+    for spec in dataclasses.fields(cls):
+        kind = field_types(cls)[spec.name]
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        flag = "--" + spec.name.replace("_", "-")
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text = f"{spec.metadata['help']} (default: {shown!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text)
+
+
+def load_config(cls: type, *, yaml_path: str | None, overrides: dict[str, Any]) -> Any:
+    """YAML settings (if any), then command-line overrides on top; the result is checked."""
+    values = read_yaml(yaml_path) if yaml_path else {}
+    merged = build_config(cls, values, f"in {yaml_path}" if yaml_path else "")
+    if overrides:
+        kinds = field_types(cls)
+        for name, value in overrides.items():
+            setattr(merged, name, coerce(value, kinds[name], name, "on the command line"))
+    merged.check()
+    return merged
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved settings as a plain mapping (for --dry-run and provenance files)."""
+    return dataclasses.asdict(config)

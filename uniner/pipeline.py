@@ -1,0 +1,119 @@
+"""`uniner pipeline CONFIG.yaml`: a contiguous run of stages, each stage's output the next one's input.
+
+A stage whose output already holds its `_summary.json` finished earlier and is skipped, so rerunning after a
+failure resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import yaml
+
+from uniner import storage
+from uniner.config import STAGE_CONFIGS, PipelineConfig, build_config, coerce, field_types, read_yaml, to_dict
+from uniner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "_summary.json"
+# Which setting of each stage takes the previous stage's output.
+INPUT_SETTING = {"passages": "input", "annotate": "input", "build-data": "input", "train": "data", "extract": "input", "evaluate": "model"}
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r} is not KEY=VALUE: write e.g. --set passages.max_tokens=128")
+        stage, dot, name = key.partition(".")
+        if dot:
+            section = raw.setdefault(stage, {})
+            if not isinstance(section, dict):
+                raise UserError(f"section {stage!r} of the pipeline file is not a mapping")
+            section[name] = value
+        else:
+            raw[key] = value
+    return raw
+
+
+def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The pipeline settings and one checked config per stage to run, wired output -> input."""
+    top_level = {k: v for k, v in raw.items() if k not in STAGE_CONFIGS}
+    pipeline = build_config(PipelineConfig, top_level, where)
+    pipeline.check()
+    workdir = storage.locate(pipeline.workdir, s3_endpoint_url=pipeline.s3_endpoint_url)
+    configs: dict[str, Any] = {}
+    previous_output = workdir.join("corpus").uri if pipeline.sample_corpus_docs else None
+    for name in pipeline.stages:
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise UserError(f"section {name!r} {where} must be a mapping of settings")
+        values = {"output": workdir.join(name).uri, "s3_endpoint_url": pipeline.s3_endpoint_url}
+        if previous_output is not None:
+            values[INPUT_SETTING[name]] = previous_output
+        values.update({str(k).replace("-", "_"): v for k, v in section.items()})
+        cls = STAGE_CONFIGS[name]
+        config = build_config(cls, {}, where)
+        kinds = field_types(cls)
+        for key, value in values.items():
+            if key not in kinds:
+                raise UserError(f"unknown setting {key!r} for stage {name} {where}")
+            setattr(config, key, coerce(value, kinds[key], key, f"of stage {name} {where}"))
+        config.check()
+        configs[name] = config
+        previous_output = config.output
+    return pipeline, configs
+
+
+def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
+    from uniner.cli import _print_dry_run, stage_module
+
+    raw = _apply_overrides(read_yaml(path), overrides)
+    pipeline, configs = resolve(raw, f"in {path}")
+    modules = {name: stage_module(name) for name in configs}
+    if dry_run:
+        print("# uniner pipeline --dry-run")
+        print(yaml.safe_dump(to_dict(pipeline), sort_keys=False).rstrip())
+        if pipeline.sample_corpus_docs:
+            print(f"- write a sample corpus of {pipeline.sample_corpus_docs} documents to {pipeline.workdir}/corpus")
+        for name, config in configs.items():
+            if _finished(config):
+                print(f"# {name}: finished earlier ({config.output}/{SUMMARY_FILE}); would be skipped")
+            elif name == pipeline.stages[0] and pipeline.sample_corpus_docs:
+                _print_dry_run(name, config, ["(input is the sample corpus written first)"])
+            else:
+                _print_dry_run(name, config, modules[name].plan(config))
+        return 0
+    if pipeline.sample_corpus_docs:
+        _ensure_corpus(pipeline)
+    summaries = {}
+    for name, config in configs.items():
+        if _finished(config):
+            log.info("pipeline: %s finished earlier (%s/%s), skipping", name, config.output, SUMMARY_FILE)
+            summaries[name] = storage.read_json(storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE))
+            continue
+        log.info("pipeline: running %s -> %s", name, config.output)
+        config.overwrite = True  # an unfinished stage's partial output is replaced
+        summaries[name] = modules[name].run(config)
+    print("\nuniner pipeline: done")
+    for name, summary in summaries.items():
+        print(f"{name}: output in {configs[name].output}")
+        for line in modules[name].summary_lines(summary):
+            print("  " + line)
+    return 0
+
+
+def _finished(config: Any) -> bool:
+    return storage.exists(storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE))
+
+
+def _ensure_corpus(pipeline: PipelineConfig) -> None:
+    from uniner.corpus import write_sample_corpus
+
+    corpus = storage.locate(pipeline.workdir, s3_endpoint_url=pipeline.s3_endpoint_url).join("corpus")
+    if storage.exists(corpus):
+        return
+    log.info("pipeline: writing a sample corpus of %d documents to %s", pipeline.sample_corpus_docs, corpus)
+    write_sample_corpus(corpus.uri, documents=pipeline.sample_corpus_docs, s3_endpoint_url=pipeline.s3_endpoint_url)

@@ -1,0 +1,39 @@
+"""The Ray session: the cluster named by RAY_ADDRESS (so `ray job submit` works), else an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from uniner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(*, num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS when set, otherwise start a local Ray sized to this machine; say which."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("Connecting to the Ray cluster at %s (RAY_ADDRESS)", address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UserError(f"cannot connect to Ray at {address} ({reason}): start the cluster, or unset RAY_ADDRESS to run locally") from None
+        return
+    cpus = num_cpus or os.cpu_count() or 1
+    log.info("Starting an embedded local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = False
+
+
+def cluster_cpus() -> int:
+    """CPUs of the connected cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
