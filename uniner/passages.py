@@ -15,8 +15,10 @@ import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 from uniner import storage
 from uniner.chunking import Chunker
@@ -36,7 +38,7 @@ STAGING_SCHEMA = pa.schema(
         ("char_end", pa.int64()),
         ("n_tokens", pa.int64()),
         ("source", pa.string()),
-        ("order_key", pa.string()),  # source order, to keep the earliest of duplicates
+        ("order_key", pa.string()),  # input order, ending in the passage id: the smallest of duplicates is kept
         ("dedup_key", pa.string()),
         ("sample_key", pa.uint64()),
         ("forced_cut", pa.bool_()),
@@ -120,18 +122,68 @@ class FilePassages:
                 yield {
                     **row,
                     "kind": "passage",
-                    "order_key": f"{order}:{span.start:012d}",
+                    "order_key": f"{order}:{span.start:012d}:{pid}",
                     "dedup_key": dedup_key(text),
                     "sample_key": sample_key(self.config.seed, pid),
                 }
 
 
-def mark_duplicates(group: pa.Table) -> pa.Table:
-    """All rows of one dedup group; every row but the earliest gets `duplicate_of` = the kept passage id."""
-    group = group.sort_by("order_key")
-    keeper = group["passage_id"][0].as_py()
-    duplicate_of = [None] + [keeper] * (group.num_rows - 1)
-    return group.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
+def duplicate_groups(candidates, partitions: int) -> pa.Table:
+    """The dedup keys that occur more than once, each with the order key of its earliest passage (the keeper).
+
+    A vectorized hash aggregation; only repeated keys come back to the driver.
+    """
+    from ray.data.aggregate import Count, Min
+
+    grouped = candidates.select_columns(["dedup_key", "order_key"]).groupby("dedup_key", num_partitions=partitions)
+    counted = grouped.aggregate(Count(alias_name="n"), Min("order_key", alias_name="keeper"))
+    repeated = counted.map_batches(lambda t: t.filter(pc.greater(t["n"], 1)), batch_format="pyarrow", batch_size=None)
+    tables = [ray_get(ref) for ref in repeated.to_arrow_refs()]
+    if not tables:
+        return pa.table({"dedup_key": pa.array([], pa.string()), "keeper": pa.array([], pa.string())})
+    return pa.concat_tables(tables).select(["dedup_key", "keeper"])
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+class MarkDuplicates:
+    """Adds `duplicate_of` (the keeper's passage id, or null) to candidate passages, given the repeated keys."""
+
+    def __init__(self, groups: pa.Table):
+        self.repeated = groups["dedup_key"]
+        self.keepers = dict(zip(groups["dedup_key"].to_pylist(), groups["keeper"].to_pylist()))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        duplicate_of: list[str | None] = [None] * table.num_rows
+        keys, orders = table["dedup_key"], table["order_key"]
+        for index in np.flatnonzero(pc.is_in(keys, value_set=self.repeated).to_numpy(zero_copy_only=False)):
+            keeper = self.keepers[keys[index].as_py()]
+            if keeper != orders[index].as_py():
+                duplicate_of[index] = keeper.rsplit(":", 1)[1]
+        return table.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
+
+
+def smallest_keys(table: pa.Table, n: int) -> pa.Table:
+    """The n smallest sample keys of one block."""
+    keys = table["sample_key"].to_numpy()
+    if len(keys) > n:
+        keys = np.partition(keys, n - 1)[:n]
+    return pa.table({"sample_key": pa.array(keys, pa.uint64())})
+
+
+def sample_threshold(kept, n: int) -> int | None:
+    """The n-th smallest sample key over all kept passages (None when there are fewer than n)."""
+    keys = np.concatenate(
+        [np.asarray(ray_get(ref)["sample_key"].to_numpy()) for ref in kept.map_batches(smallest_keys, fn_kwargs={"n": n}, batch_format="pyarrow", batch_size=None).to_arrow_refs()]
+        or [np.array([], np.uint64)]
+    )
+    if len(keys) < n:
+        return None
+    return int(np.partition(keys, n - 1)[n - 1])
 
 
 def _where(column: str, value: Any):
@@ -220,27 +272,25 @@ def run(config: PassagesConfig) -> dict[str, Any]:
     counts = _counts(staged)
 
     candidates = staged.map_batches(_where("kind", "passage"), batch_format="pyarrow", batch_size=None)
-    rejects = staged.map_batches(_where("kind", "reject"), batch_format="pyarrow", batch_size=None)
+    rejects = staged.map_batches(_where("kind", "reject"), batch_format="pyarrow", batch_size=None).map_batches(_as_rejects, batch_format="pyarrow", batch_size=None)
     if config.dedup:
         log.info("passages: deduplicating %d candidate passages", counts["candidates"])
-        marked = candidates.groupby("dedup_key", num_partitions=workers).map_groups(mark_duplicates, batch_format="pyarrow")
-        marked = marked.materialize()
+        groups = duplicate_groups(candidates, partitions=workers)
+        marked = candidates.map_batches(MarkDuplicates(groups), batch_format="pyarrow", batch_size=None)
         kept = marked.map_batches(_is_null("duplicate_of", True), batch_format="pyarrow", batch_size=None)
         duplicates = marked.map_batches(_is_null("duplicate_of", False), batch_format="pyarrow", batch_size=None)
-        counts["dropped"]["duplicate"] = duplicates.count()
-        rejects = rejects.map_batches(_as_rejects, batch_format="pyarrow", batch_size=None).union(
-            duplicates.map_batches(_as_rejects, batch_format="pyarrow", batch_size=None)
-        )
+        rejects = rejects.union(duplicates.map_batches(_as_rejects, batch_format="pyarrow", batch_size=None))
     else:
         kept = candidates
-        rejects = rejects.map_batches(_as_rejects, batch_format="pyarrow", batch_size=None)
-    kept = kept.sort("sample_key")
     if config.sample_size:
-        kept = kept.limit(config.sample_size)
+        threshold = sample_threshold(kept, config.sample_size)
+        if threshold is not None:
+            kept = kept.map_batches(lambda t: t.filter(pc.less_equal(t["sample_key"], pa.scalar(threshold, pa.uint64()))), batch_format="pyarrow", batch_size=None)
     log.info("passages: writing passages and rejects")
     with storage.storage_errors("write", output):
         kept.select_columns(PASSAGE_COLUMNS).write_parquet(output.path, filesystem=output.fs)
         rejects.write_parquet(output.join(REJECTS_DIR).path, filesystem=output.fs)
+    counts["dropped"]["duplicate"] = _count_rows(output.join(REJECTS_DIR), reason="duplicate")
 
     unique = counts["candidates"] - counts["dropped"].get("duplicate", 0)
     written = min(unique, config.sample_size) if config.sample_size else unique
@@ -261,6 +311,14 @@ def run(config: PassagesConfig) -> dict[str, Any]:
     storage.write_json(output.join(SUMMARY_FILE), summary)
     storage.delete_tree(work)
     return summary
+
+
+def _count_rows(location: storage.Location, *, reason: str) -> int:
+    """Rows of a written Parquet folder with the given reason (read with pyarrow: a small column)."""
+    if not storage.exists(location):
+        return 0
+    dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
+    return dataset.count_rows(filter=pc.field("reason") == reason)
 
 
 def _count_batch(table: pa.Table) -> pa.Table:
