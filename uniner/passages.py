@@ -133,21 +133,16 @@ def duplicate_groups(candidates, partitions: int) -> pa.Table:
 
     A vectorized hash aggregation; only repeated keys come back to the driver.
     """
+    import ray
     from ray.data.aggregate import Count, Min
 
     grouped = candidates.select_columns(["dedup_key", "order_key"]).groupby("dedup_key", num_partitions=partitions)
     counted = grouped.aggregate(Count(alias_name="n"), Min("order_key", alias_name="keeper"))
     repeated = counted.map_batches(lambda t: t.filter(pc.greater(t["n"], 1)), batch_format="pyarrow", batch_size=None)
-    tables = [ray_get(ref) for ref in repeated.to_arrow_refs()]
+    tables = ray.get(repeated.to_arrow_refs())
     if not tables:
         return pa.table({"dedup_key": pa.array([], pa.string()), "keeper": pa.array([], pa.string())})
     return pa.concat_tables(tables).select(["dedup_key", "keeper"])
-
-
-def ray_get(ref):
-    import ray
-
-    return ray.get(ref)
 
 
 class MarkDuplicates:
@@ -177,10 +172,11 @@ def smallest_keys(table: pa.Table, n: int) -> pa.Table:
 
 def sample_threshold(kept, n: int) -> int | None:
     """The n-th smallest sample key over all kept passages (None when there are fewer than n)."""
-    keys = np.concatenate(
-        [np.asarray(ray_get(ref)["sample_key"].to_numpy()) for ref in kept.map_batches(smallest_keys, fn_kwargs={"n": n}, batch_format="pyarrow", batch_size=None).to_arrow_refs()]
-        or [np.array([], np.uint64)]
-    )
+    import ray
+
+    block_keys = kept.map_batches(smallest_keys, fn_kwargs={"n": n}, batch_format="pyarrow", batch_size=None)
+    tables = ray.get(block_keys.to_arrow_refs())
+    keys = np.concatenate([t["sample_key"].to_numpy() for t in tables] or [np.array([], np.uint64)])
     if len(keys) < n:
         return None
     return int(np.partition(keys, n - 1)[n - 1])
