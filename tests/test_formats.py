@@ -77,3 +77,27 @@ def test_dataset_specific_variant_puts_the_name_on_its_own_line():
 def test_turns_must_alternate():
     with pytest.raises(ValueError, match="alternate"):
         Template().render([("human", "a"), ("human", "b")])
+
+
+@pytest.mark.parametrize(
+    ("output", "official", "lenient"),
+    [
+        ('["Paris", "Rome"]', ["Paris", "Rome"], ["Paris", "Rome"]),
+        ("A virtual assistant ... USER: What describes city? ASSISTANT: [\"Paris\"]\n", ["Paris"], ["Paris"]),
+        ('  ["Paris"] and more [text]', ["Paris"], ["Paris"]),
+        ('Sure: ["Paris"]', [], ["Paris"]),  # the official parser only looks at the start
+        ('["Paris",\n "Rome"]', [], ["Paris", "Rome"]),  # one line only
+        ('```json\n["Paris"]\n```', [], ["Paris"]),
+        ("['Paris', \"Rome's\"]", [], ["Paris", "Rome's"]),
+        ('["Paris", "Ro', [], ["Paris"]),  # truncated: the complete strings survive
+        ('["a]b", "c"]', [], ["a]b", "c"]),
+        ("[1, 2]", [1, 2], []),
+        ("no list here", [], []),
+        ("[]", [], []),
+    ],
+)
+def test_answer_parsers(output, official, lenient):
+    from uniner.formats import parse_answer, parse_answer_lenient
+
+    assert parse_answer(output) == official
+    assert parse_answer_lenient(output) == lenient

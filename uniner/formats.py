@@ -5,6 +5,10 @@ The single source of these strings for the teacher, training and inference (DESI
 
 from __future__ import annotations
 
+import ast
+import itertools
+import json
+import re
 from dataclasses import dataclass
 
 TEACHER_SYSTEM = "You are a helpful information extraction system."
@@ -87,3 +91,47 @@ class Template:
     def query(self, text: str, entity_type: str, *, dataset: str | None = None) -> str:
         """The inference prompt for one (text, type) query; the model's answer follows it directly."""
         return self.render([("human", text_turn(text, dataset=dataset)), ("gpt", READ_ACK), ("human", question(entity_type))])
+
+
+# The official UniNER evaluation reads only what follows the last `ASSISTANT:`, and only a bracketed list at the
+# very start of it, on one line, up to the first `]`.
+_OFFICIAL_LIST = re.compile(r"\[(.*?)\]")
+_QUOTED = re.compile(r'"((?:[^"\\\n]|\\.)*)"' + r"|'((?:[^'\\\n]|\\.)*)'")
+_FENCE = re.compile(r"```[a-zA-Z]*")
+
+
+def answer_text(output: str) -> str:
+    """The model's answer: what follows the last `ASSISTANT:` of a raw output, without surrounding whitespace."""
+    return output.split("ASSISTANT:")[-1].strip()
+
+
+def parse_answer(output: str) -> list:
+    """The official parser: the JSON list at the start of the answer, or [] on any failure. Items are as decoded."""
+    match = _OFFICIAL_LIST.match(answer_text(output))
+    try:
+        items = json.loads(match.group() if match else "[]")
+    except json.JSONDecodeError:
+        return []
+    return items if isinstance(items, list) else []
+
+
+def parse_answer_lenient(output: str) -> list[str]:
+    """Our forgiving parser: a list anywhere in the answer, across lines, in code fences, JSON or Python quoting,
+    or cut off before its `]`; returns the strings it holds, in order."""
+    text = _FENCE.sub("", answer_text(output))
+    start = text.find("[")
+    if start < 0:
+        return []
+    # The list may end at its last `]` (a `]` inside an entity) or at its first (text with brackets follows).
+    candidates = [text[start : end + 1] for end in {text.rfind("]"), text.find("]", start)} if end > start]
+    for body, decode in itertools.product(sorted(candidates, key=len, reverse=True), (json.loads, ast.literal_eval)):
+        try:
+            items = decode(body)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(items, (list, tuple)):
+            return [item for item in items if isinstance(item, str)]
+    end = text.find("]", start)
+    body = text[start : end + 1] if end >= 0 else text[start:]
+    # A truncated or otherwise broken list: keep each complete quoted string.
+    return [double if double or not single else single for double, single in _QUOTED.findall(body)]
