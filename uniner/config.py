@@ -108,20 +108,27 @@ class AnnotateConfig(StageConfig):
 class BuildDataConfig(StageConfig):
     """`uniner build-data`: annotations or labelled NER files -> UniNER conversations (Pile-NER train.json shape)."""
 
-    input: str = setting("", "Annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files.")
-    output: str = setting("", "Output location of the conversations.")
+    input: str = setting("", "Annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files (file, folder or glob).")
+    output: str = setting("", "Output directory: conversations.json (or <dataset>.json evaluation queries) and _summary.json.")
     input_kind: str = setting("auto", "What the input is: auto, annotations, conversations or bio.")
-    negatives_per_passage: int = setting(2, "Negative types per passage, drawn by type frequency, answered [].")
-    definition: bool = setting(False, "Build definition-style questions instead of type names.")
+    negatives_per_passage: int = setting(2, "Negative types per annotated passage, drawn by type frequency, answered [].")
+    drop_entities_not_in_text: bool = setting(True, "Drop teacher entities that do not occur in their passage (counted).")
     dataset_name: str = setting("", "Supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
-    label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types; empty: built-in maps.")
+    label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types (null drops one); empty: built-in maps.")
     bio_column_order: str = setting("token-tag", "Column order of BIO files: token-tag (CrossNER/CoNLL) or tag-token (MIT).")
+    eval_queries: bool = setting(False, "BIO input: write evaluation queries, one conversation per (sentence, type).")
     merge_type_variants: bool = setting(False, "Merge case and plural variants of a type, and report the merges.")
-    seed: int = setting(0, "Seed for negative sampling and turn order.")
+    seed: int = setting(0, "Seed of negative sampling.")
 
     def check(self) -> None:
         _require(self.input, "input", "annotations, a conversations file or BIO files")
         _require(self.output, "output", "where to write the conversations")
+        if self.input_kind not in ("auto", "annotations", "conversations", "bio"):
+            raise UserError(f"unknown --input-kind {self.input_kind!r}: use auto, annotations, conversations or bio")
+        if self.bio_column_order not in ("token-tag", "tag-token"):
+            raise UserError(f"unknown --bio-column-order {self.bio_column_order!r}: use token-tag or tag-token")
+        if self.negatives_per_passage < 0:
+            raise UserError("--negatives-per-passage cannot be negative")
 
 
 @dataclass(kw_only=True)
