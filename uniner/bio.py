@@ -16,7 +16,7 @@ import yaml
 from uniner import storage
 from uniner.errors import UserError
 
-COLUMN_ORDERS = ("token-tag", "tag-token")
+COLUMN_ORDERS = ("auto", "token-tag", "tag-token")
 
 # DESIGN.md section 3: the types the UniNER evaluation asks for. `None` drops a label (never queried).
 LABEL_TYPES: dict[str, str | None] = {
@@ -86,7 +86,17 @@ class BioFile:
     repairs: Counter = field(default_factory=Counter)
 
 
-def read_bio(uri: str, *, column_order: str = "token-tag", label_map: dict[str, str | None] | None = None,
+def _is_tag(column: str) -> bool:
+    return column == "O" or (column[:2] in ("B-", "I-") and len(column) > 2)
+
+
+def detect_column_order(text: str) -> str:
+    """tag-token when the first column of the first line holds a tag and the second does not (MIT files)."""
+    first = next((line.split("\t") for line in text.splitlines() if line.strip()), [])
+    return "tag-token" if len(first) == 2 and _is_tag(first[0]) and not _is_tag(first[1]) else "token-tag"
+
+
+def read_bio(uri: str, *, column_order: str = "auto", label_map: dict[str, str | None] | None = None,
              s3_endpoint_url: str = "") -> BioFile:
     """Read one BIO file. A malformed line is a UserError with file and line; an `I-` tag that does not continue an
     entity of its type starts a new entity, and is counted in `repairs`."""
@@ -98,6 +108,8 @@ def read_bio(uri: str, *, column_order: str = "token-tag", label_map: dict[str, 
     except UnicodeDecodeError:
         raise UserError(f"{uri} is not UTF-8 text; convert it to UTF-8") from None
     name = PurePosixPath(location.path).name
+    if column_order == "auto":
+        column_order = detect_column_order(text)
     rows: list[tuple[int, str, str]] = []
     sentences: list[Sentence] = []
     label_counts: Counter = Counter()
@@ -115,8 +127,8 @@ def read_bio(uri: str, *, column_order: str = "token-tag", label_map: dict[str, 
             raise UserError(f"{name}:{number}: expected 2 tab-separated columns ({order}), found {len(columns)}; "
                             "fix the line or check --bio-column-order")
         token, tag = columns if column_order == "token-tag" else reversed(columns)
-        if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
-            hint = " (the columns may be swapped: check --bio-column-order)" if token[:2] in ("B-", "I-") or token == "O" else ""
+        if not _is_tag(tag):
+            hint = " (the columns may be swapped: check --bio-column-order)" if _is_tag(token) else ""
             raise UserError(f"{name}:{number}: tag {tag!r} is not O, B-TYPE or I-TYPE{hint}")
         rows.append((number, token, tag))
     if not sentences:

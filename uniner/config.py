@@ -115,7 +115,7 @@ class BuildDataConfig(StageConfig):
     drop_entities_not_in_text: bool = setting(True, "Drop teacher entities that do not occur in their passage (counted).")
     dataset_name: str = setting("", "Supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
     label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types (null drops one); empty: built-in maps.")
-    bio_column_order: str = setting("token-tag", "Column order of BIO files: token-tag (CrossNER/CoNLL) or tag-token (MIT).")
+    bio_column_order: str = setting("auto", "Column order of BIO files: auto (from the first line), token-tag (CrossNER/CoNLL) or tag-token (MIT).")
     eval_queries: bool = setting(False, "BIO input: write evaluation queries, one conversation per (sentence, type).")
     merge_type_variants: bool = setting(False, "Merge case and plural variants of a type, and report the merges.")
     seed: int = setting(0, "Seed of negative sampling.")
@@ -125,8 +125,8 @@ class BuildDataConfig(StageConfig):
         _require(self.output, "output", "where to write the conversations")
         if self.input_kind not in ("auto", "annotations", "conversations", "bio"):
             raise UserError(f"unknown --input-kind {self.input_kind!r}: use auto, annotations, conversations or bio")
-        if self.bio_column_order not in ("token-tag", "tag-token"):
-            raise UserError(f"unknown --bio-column-order {self.bio_column_order!r}: use token-tag or tag-token")
+        if self.bio_column_order not in ("auto", "token-tag", "tag-token"):
+            raise UserError(f"unknown --bio-column-order {self.bio_column_order!r}: use auto, token-tag or tag-token")
         if self.negatives_per_passage < 0:
             raise UserError("--negatives-per-passage cannot be negative")
 
@@ -184,10 +184,19 @@ class ExtractConfig(StageConfig):
 class EvaluateConfig(StageConfig):
     """`uniner evaluate`: official UniNER F1 per dataset, with our span F1 beside it."""
 
-    data: list = setting([], "Evaluation files: UniNER eval JSON or BIO/CoNLL, comma-separated.")
-    output: str = setting("", "Report directory: report.json, report.md and report.png.")
+    data: list = setting([], "Evaluation files, comma-separated: UniNER evaluation JSON/JSONL, or BIO/CoNLL files.")
+    output: str = setting("", "Report directory: report.json, report.md, report.png (and predictions.jsonl when a model runs).")
     model: str = setting("", "Model spec to run; leave empty when scoring --predictions.")
-    predictions: str = setting("", "JSONL of {id, output} answers to score instead of running a model.")
+    predictions: str = setting("", "JSONL of {id, output} (plus dataset where ids repeat) to score instead of running a model.")
+    sample_per_dataset: int = setting(0, "Evaluate a fixed seeded sample of this many records (BIO: sentences) per file; 0: all.")
+    seed: int = setting(0, "Seed of the sample.")
+    label_map: str = setting("", "BIO files: YAML/JSON mapping of labels to types (null drops one); empty: built-in maps.")
+    bio_column_order: str = setting("auto", "BIO files: auto (from the first line), token-tag or tag-token.")
+    backend: str = setting("auto", "Engine for --model: auto (vLLM where installed), vllm or transformers.")
+    batch_size: int = setting(64, "Queries per engine batch.")
+    replicas: int = setting(1, "Engine actors.")
+    gpus_per_replica: float = setting(0.0, "GPUs per engine actor; 0 runs on CPU.")
+    max_new_tokens: int = setting(64, "Bound on the tokens of one answer.")
 
     def check(self) -> None:
         if not self.data:
@@ -195,6 +204,8 @@ class EvaluateConfig(StageConfig):
         _require(self.output, "output", "the report directory")
         if bool(self.model) == bool(self.predictions):
             raise UserError("give exactly one of --model (run a model) or --predictions (score existing answers)")
+        if self.sample_per_dataset < 0:
+            raise UserError("--sample-per-dataset cannot be negative")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
