@@ -18,8 +18,16 @@ from uniner.errors import UserError
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"
-# Which setting of each stage takes the previous stage's output.
-INPUT_SETTING = {"passages": "input", "annotate": "input", "build-data": "input", "train": "data", "extract": "input", "evaluate": "model"}
+# Where a stage's settings come from when its section does not set them: an earlier stage's output in the same
+# run, or the corpus (the sample corpus, else the passages stage's input).
+SOURCES = {
+    "passages": {"input": "corpus"},
+    "annotate": {"input": "passages"},
+    "build-data": {"input": "annotate"},
+    "train": {"data": "build-data"},
+    "extract": {"input": "corpus", "model": "train"},
+    "evaluate": {"model": "train"},
+}
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -45,14 +53,17 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
     pipeline.check()
     workdir = storage.locate(pipeline.workdir, s3_endpoint_url=pipeline.s3_endpoint_url)
     configs: dict[str, Any] = {}
-    previous_output = workdir.join("corpus").uri if pipeline.sample_corpus_docs else None
+    outputs: dict[str, str] = {}
+    if pipeline.sample_corpus_docs:
+        outputs["corpus"] = workdir.join("corpus").uri
+    elif isinstance(raw.get("passages"), dict) and raw["passages"].get("input"):
+        outputs["corpus"] = str(raw["passages"]["input"])
     for name in pipeline.stages:
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise UserError(f"section {name!r} {where} must be a mapping of settings")
         values = {"output": workdir.join(name).uri, "s3_endpoint_url": pipeline.s3_endpoint_url}
-        if previous_output is not None:
-            values[INPUT_SETTING[name]] = previous_output
+        values.update({key: outputs[source] for key, source in SOURCES[name].items() if source in outputs})
         values.update({str(k).replace("-", "_"): v for k, v in section.items()})
         cls = STAGE_CONFIGS[name]
         config = build_config(cls, {}, where)
@@ -63,7 +74,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
             setattr(config, key, coerce(value, kinds[key], key, f"of stage {name} {where}"))
         config.check()
         configs[name] = config
-        previous_output = config.output
+        outputs[name] = config.output
     return pipeline, configs
 
 
