@@ -27,11 +27,12 @@ def _annotations(tmp_path, rows):
     return folder
 
 
-def _build(tmp_path, **settings):
-    config = BuildDataConfig(output=str(tmp_path / "out"), **settings)
+def _build(tmp_path, *, input, **settings):
+    """Build from one input; returns the records and that input's report."""
+    config = BuildDataConfig(input=[str(input)], output=str(tmp_path / "out"), **settings)
     config.check()
     summary = run(config)
-    return json.loads((tmp_path / "out" / "conversations.json").read_text()), summary
+    return json.loads((tmp_path / "out" / "conversations.json").read_text()), summary["inputs"][0]
 
 
 def _qa(record):
@@ -123,6 +124,18 @@ def test_pile_ner_sample_round_trips_unchanged(tmp_path, shared_data):
     assert summary["statistics"]["passages"] == 882 and not summary["counts"]
 
 
+def test_several_inputs_are_concatenated(tmp_path, shared_data):
+    source = shared_data / "pile-ner-sample" / "pile_ner_type_sample.json"
+    bio_file = tmp_path / "x.txt"
+    bio_file.write_text("Ada\tB-person\n")
+    config = BuildDataConfig(input=[str(source), str(bio_file)], output=str(tmp_path / "out"), dataset_name="mine")
+    summary = run(config)
+    records = json.loads((tmp_path / "out" / "conversations.json").read_text())
+    assert records[:-1] == json.loads(source.read_text())
+    assert records[-1]["conversations"][0]["value"] == "Dataset: mine\nText: Ada" and records[-1]["dataset"] == "mine"
+    assert [r["input_kind"] for r in summary["inputs"]] == ["conversations", "bio"] and summary["files"] == {"conversations.json": 883}
+
+
 def test_conversation_files_are_validated(tmp_path):
     good = {"id": "a", "conversations": [{"from": "human", "value": "Text: Paris."}, ACK,
                                          {"from": "human", "value": "What describes city in the text?"},
@@ -171,7 +184,7 @@ def test_eval_queries_one_per_sentence_and_type(tmp_path):
     source = tmp_path / "music" / "dev.txt"
     source.parent.mkdir()
     source.write_text("Queen\tB-band\nplayed\tO\nrock\tB-musicgenre\n\nHello\tO\n")
-    config = BuildDataConfig(input=str(source), output=str(tmp_path / "out"), eval_queries=True)
+    config = BuildDataConfig(input=[str(source)], output=str(tmp_path / "out"), eval_queries=True)
     run(config)
     queries = json.loads((tmp_path / "out" / "music-dev.json").read_text())
     assert [(q["id"], _qa(q)) for q in queries] == [

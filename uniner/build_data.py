@@ -127,15 +127,15 @@ def type_statistics(mentions: Counter, *, head: int = 10) -> dict[str, Any]:
 # ---------------------------------------------------------------- annotations
 
 
-def _read_annotations(config: BuildDataConfig) -> Iterable[dict[str, Any]]:
-    location = storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url)
+def _read_annotations(uri: str, config: BuildDataConfig) -> Iterable[dict[str, Any]]:
+    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
     files = [f for f in storage.list_files(location) if f.path.endswith(".parquet")]
     if not files:
-        raise UserError(f"no .parquet annotation files in {config.input}: give the output of `uniner annotate`")
+        raise UserError(f"no .parquet annotation files in {uri}: give the output of `uniner annotate`")
     dataset = pads.dataset([f.path for f in files], filesystem=location.fs, format="parquet")
     missing = {"passage_id", "text", "entities"} - set(dataset.schema.names)
     if missing:
-        raise UserError(f"{config.input} is not an annotations table: columns {', '.join(sorted(missing))} are missing")
+        raise UserError(f"{uri} is not an annotations table: columns {', '.join(sorted(missing))} are missing")
     columns = [c for c in ("passage_id", "text", "entities", "status") if c in dataset.schema.names]
     with storage.storage_errors("read annotations from", location):
         for batch in dataset.to_batches(columns=columns):
@@ -159,10 +159,10 @@ def _clean_entities(row: dict[str, Any], config: BuildDataConfig, counts: Counte
     return sorted(kept)
 
 
-def from_annotations(config: BuildDataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def from_annotations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     counts: Counter = Counter()
     passages = []
-    for row in _read_annotations(config):
+    for row in _read_annotations(uri, config):
         status = row.get("status", "ok")
         if status != "ok":
             counts[f"passages skipped: status {status}"] += 1
@@ -189,7 +189,7 @@ def from_annotations(config: BuildDataConfig) -> tuple[list[dict[str, Any]], dic
     for passage_id, text, by_type in grouped:
         negatives = sampler.sample(passage_id, exclude=set(by_type), k=config.negatives_per_passage)
         qa = list(by_type.items()) + [(t, []) for t in negatives]
-        records.append(conversation(passage_id, text, qa, dataset=config.dataset_name))
+        records.append(conversation(passage_id, text, qa))
         negative_questions += len(negatives)
     statistics = {"passages": len(records), **type_statistics(mentions), "negative_questions": negative_questions}
     if merges:
@@ -242,8 +242,8 @@ def check_conversation(record: Any, where: str, counts: Counter) -> dict[str, An
     return record
 
 
-def from_conversations(config: BuildDataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    location = storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url)
+def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
     counts: Counter = Counter()
     records, mentions = [], Counter()
     for number, raw in enumerate(_load_records(location)):
@@ -268,11 +268,11 @@ def dataset_name_of(uri: str) -> str:
     return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
 
 
-def bio_files(config: BuildDataConfig) -> list[storage.Location]:
-    location = storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url)
+def bio_files(uri: str, config: BuildDataConfig) -> list[storage.Location]:
+    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
     files = [f for f in storage.list_files(location) if f.path.endswith(BIO_SUFFIXES)]
     if not files:
-        raise UserError(f"no BIO files ({', '.join(BIO_SUFFIXES)}) at {config.input}")
+        raise UserError(f"no BIO files ({', '.join(BIO_SUFFIXES)}) at {uri}")
     return files
 
 
@@ -285,14 +285,14 @@ def eval_queries(data: bio.BioFile, name: str) -> list[dict[str, Any]]:
     ]
 
 
-def from_bio(config: BuildDataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def from_bio(uri: str, config: BuildDataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """Conversations per BIO file: every type of the file's label set asked of every sentence (absent ones answer
     []), with `Dataset: NAME` before the text when --dataset-name is set."""
     label_map = bio.read_label_map(config.label_map, s3_endpoint_url=config.s3_endpoint_url)
     outputs: dict[str, list[dict[str, Any]]] = {}
     counts: Counter = Counter()
     mentions: Counter = Counter()
-    for location in bio_files(config):
+    for location in bio_files(uri, config):
         data = bio.read_bio(str(location), column_order=config.bio_column_order, label_map=label_map,
                             s3_endpoint_url=config.s3_endpoint_url)
         name = dataset_name_of(str(location))
@@ -313,21 +313,32 @@ def from_bio(config: BuildDataConfig) -> tuple[dict[str, list[dict[str, Any]]], 
 # ---------------------------------------------------------------- the stage
 
 
-def input_kind(config: BuildDataConfig) -> str:
+def input_kind(uri: str, config: BuildDataConfig) -> str:
     if config.input_kind != "auto":
         return config.input_kind
-    path = config.input.rstrip("/")
+    path = uri.rstrip("/")
     if path.endswith(CONVERSATION_SUFFIXES):
         return "conversations"
     if path.endswith(BIO_SUFFIXES) or any(ch in path for ch in "*?["):
         return "bio"
-    location = storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url)
+    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
     names = [f.path for f in storage.list_files(location)]
     if any(n.endswith(".parquet") for n in names):
         return "annotations"
     if any(n.endswith(BIO_SUFFIXES) for n in names):
         return "bio"
-    raise UserError(f"cannot tell what {config.input} holds: set --input-kind to annotations, conversations or bio")
+    raise UserError(f"cannot tell what {uri} holds: set --input-kind to annotations, conversations or bio")
+
+
+def build(uri: str, config: BuildDataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Records per output file, and the report, for one input."""
+    kind = input_kind(uri, config)
+    if kind == "bio":
+        outputs, report = from_bio(uri, config)
+    else:
+        records, report = (from_annotations if kind == "annotations" else from_conversations)(uri, config)
+        outputs = {CONVERSATIONS_FILE: records}
+    return outputs, {"input": uri, "input_kind": kind, **report}
 
 
 def dump_records(records: list[dict[str, Any]]) -> str:
@@ -336,47 +347,49 @@ def dump_records(records: list[dict[str, Any]]) -> str:
 
 
 def plan(config: BuildDataConfig) -> list[str]:
-    kind = input_kind(config)
-    lines = [f"read {kind} from {config.input}"]
-    if kind == "annotations":
-        lines.append(f"one question per entity type present, plus {config.negatives_per_passage} negative types per "
-                     f"passage drawn by type frequency (seed {config.seed})")
-    elif kind == "bio":
-        lines.append(f"{len(bio_files(config))} BIO file(s), columns {config.bio_column_order}")
-    target = "<dataset>.json evaluation queries" if kind == "bio" and config.eval_queries else CONVERSATIONS_FILE
-    lines.append(f"write {target} and _summary.json to {config.output}")
-    return lines
+    lines = []
+    for uri in config.input:
+        kind = input_kind(uri, config)
+        lines.append(f"read {kind} from {uri}")
+        if kind == "annotations":
+            lines.append(f"  one question per entity type present, plus {config.negatives_per_passage} negative types "
+                         f"per passage drawn by type frequency (seed {config.seed})")
+        elif kind == "bio":
+            lines.append(f"  {len(bio_files(uri, config))} BIO file(s), columns {config.bio_column_order}")
+    target = "<dataset>.json evaluation queries" if config.eval_queries else CONVERSATIONS_FILE
+    return lines + [f"write {target} and _summary.json to {config.output}"]
 
 
 def run(config: BuildDataConfig) -> dict[str, Any]:
-    kind = input_kind(config)
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
     storage.prepare_output(output, overwrite=config.overwrite)
-    if kind == "annotations":
-        records, report = from_annotations(config)
-        outputs = {CONVERSATIONS_FILE: records}
-    elif kind == "conversations":
-        records, report = from_conversations(config)
-        outputs = {CONVERSATIONS_FILE: records}
-    else:
-        outputs, report = from_bio(config)
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    reports = []
+    for uri in config.input:
+        built, report = build(uri, config)
+        for name, records in built.items():
+            outputs.setdefault(name, []).extend(records)
+        reports.append(report)
+        log.info("%s (%s): %d records", uri, report["input_kind"], sum(len(r) for r in built.values()))
     for name, records in outputs.items():
         storage.write_text(output.join(name), dump_records(records))
         log.info("wrote %d records to %s", len(records), output.join(name))
-    summary = {"input": config.input, "input_kind": kind, "output": str(output),
-               "files": {name: len(records) for name, records in outputs.items()}, **report}
+    summary = {"output": str(output), "files": {name: len(records) for name, records in outputs.items()},
+               "inputs": reports}
     storage.write_json(output.join("_summary.json"), summary)
     return summary
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
-    stats = summary["statistics"]
     lines = [f"{n} records -> {summary['output']}/{name}" for name, n in summary["files"].items()]
-    lines.append(f"{stats['entities']} entities of {stats['types']} types; {stats['types_seen_once']} types seen once; "
-                 f"the top 1% of types hold {stats['top_1pct_types_mention_share']:.1%} of mentions")
-    if stats["head"]:
-        lines.append("most frequent types: " + ", ".join(f"{t} ({n})" for t, n in stats["head"]))
-    lines.extend(f"{what}: {n}" for what, n in sorted(summary["counts"].items()))
-    if stats.get("type_merges"):
-        lines.append(f"merged {len(stats['type_merges'])} type variants (listed in _summary.json)")
+    for report in summary["inputs"]:
+        stats = report["statistics"]
+        lines.append(f"{report['input']} ({report['input_kind']}): {stats['entities']} entities of {stats['types']} "
+                     f"types; {stats['types_seen_once']} types seen once; the top 1% of types hold "
+                     f"{stats['top_1pct_types_mention_share']:.1%} of mentions")
+        if stats["head"]:
+            lines.append("  most frequent types: " + ", ".join(f"{t} ({n})" for t, n in stats["head"]))
+        lines.extend(f"  {what}: {n}" for what, n in sorted(report["counts"].items()))
+        if stats.get("type_merges"):
+            lines.append(f"  merged {len(stats['type_merges'])} type variants (listed in _summary.json)")
     return lines

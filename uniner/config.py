@@ -108,12 +108,12 @@ class AnnotateConfig(StageConfig):
 class BuildDataConfig(StageConfig):
     """`uniner build-data`: annotations or labelled NER files -> UniNER conversations (Pile-NER train.json shape)."""
 
-    input: str = setting("", "Annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files (file, folder or glob).")
+    input: list = setting([], "Inputs, comma-separated, each annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files (file, folder or glob); their records are concatenated.")
     output: str = setting("", "Output directory: conversations.json (or <dataset>.json evaluation queries) and _summary.json.")
     input_kind: str = setting("auto", "What the input is: auto, annotations, conversations or bio.")
     negatives_per_passage: int = setting(2, "Negative types per annotated passage, drawn by type frequency, answered [].")
     drop_entities_not_in_text: bool = setting(True, "Drop teacher entities that do not occur in their passage (counted).")
-    dataset_name: str = setting("", "Supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
+    dataset_name: str = setting("", "BIO inputs, supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
     label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types (null drops one); empty: built-in maps.")
     bio_column_order: str = setting("auto", "Column order of BIO files: auto (from the first line), token-tag (CrossNER/CoNLL) or tag-token (MIT).")
     eval_queries: bool = setting(False, "BIO input: write evaluation queries, one conversation per (sentence, type).")
@@ -121,7 +121,8 @@ class BuildDataConfig(StageConfig):
     seed: int = setting(0, "Seed of negative sampling.")
 
     def check(self) -> None:
-        _require(self.input, "input", "annotations, a conversations file or BIO files")
+        if not self.input:
+            raise UserError("missing --input: give annotations, a conversations file or BIO files")
         _require(self.output, "output", "where to write the conversations")
         if self.input_kind not in ("auto", "annotations", "conversations", "bio"):
             raise UserError(f"unknown --input-kind {self.input_kind!r}: use auto, annotations, conversations or bio")
