@@ -230,6 +230,11 @@ class PipelineConfig:
         0, "When > 0, write a generated sample corpus of this many documents to WORKDIR/corpus and read it as input."
     )
     s3_endpoint_url: str = setting("", "S3-compatible endpoint, passed to every stage that sets none itself.")
+    stand_in_teacher: str = setting(
+        "", "A model spec to serve with vLLM's OpenAI-compatible server as a STAND-IN teacher for annotate (a demo, "
+        "not a real teacher); empty: annotate calls its own base_url."
+    )
+    optional_stages: list = setting([], "Stages skipped with a message, instead of failing, when an input file they need is missing.")
 
     def check(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_CONFIGS]

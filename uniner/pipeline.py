@@ -1,4 +1,4 @@
-"""`uniner pipeline CONFIG.yaml`: a contiguous run of stages, each stage's output the next one's input.
+"""`uniner pipeline CONFIG.yaml`: several stages in order, each fed by the outputs of the ones before.
 
 A stage whose output already holds its `_summary.json` finished earlier and is skipped, so rerunning after a
 failure resumes at the first unfinished stage.
@@ -99,21 +99,48 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         return 0
     if pipeline.sample_corpus_docs:
         _ensure_corpus(pipeline)
-    summaries = {}
+    summaries, skipped = {}, {}
     for name, config in configs.items():
         if _finished(config):
             log.info("pipeline: %s finished earlier (%s/%s), skipping", name, config.output, SUMMARY_FILE)
             summaries[name] = storage.read_json(storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE))
             continue
+        missing = _missing_inputs(name, config) if name in pipeline.optional_stages else []
+        if missing:
+            skipped[name] = f"skipped: {', '.join(missing)} not found"
+            log.warning("pipeline: %s %s", name, skipped[name])
+            continue
         log.info("pipeline: running %s -> %s", name, config.output)
-        config.overwrite = True  # an unfinished stage's partial output is replaced
-        summaries[name] = modules[name].run(config)
+        # A stage that resumes keeps its partial output; any other replaces it.
+        config.overwrite = not getattr(modules[name], "RESUMES", False)
+        if name == "annotate" and pipeline.stand_in_teacher:
+            summaries[name] = _annotate_with_stand_in(modules[name], config, pipeline.stand_in_teacher)
+        else:
+            summaries[name] = modules[name].run(config)
     print("\nuniner pipeline: done")
-    for name, summary in summaries.items():
+    for name in configs:
         print(f"{name}: output in {configs[name].output}")
-        for line in modules[name].summary_lines(summary):
+        lines = [skipped[name]] if name in skipped else modules[name].summary_lines(summaries[name])
+        for line in lines:
             print("  " + line)
     return 0
+
+
+def _missing_inputs(name: str, config: Any) -> list[str]:
+    """Input files of an optional stage that do not exist (evaluation data, a build-data input)."""
+    uris = {"evaluate": lambda: config.data, "build-data": lambda: config.input}.get(name, lambda: [])()
+    return [uri for uri in uris if not storage.exists(storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url))]
+
+
+def _annotate_with_stand_in(module: Any, config: Any, spec: str) -> dict[str, Any]:
+    """Run annotate against vLLM's own server for `spec`, labelled as a stand-in wherever the teacher is named."""
+    from uniner.models import openai_server
+
+    served_name = f"STAND-IN-TEACHER:{spec}"
+    log.warning("pipeline: annotate uses %s served locally as a STAND-IN teacher, not a real teacher", spec)
+    with openai_server(spec, served_name=served_name) as base_url:
+        config.base_url, config.model = base_url, served_name
+        return module.run(config)
 
 
 def _finished(config: Any) -> bool:
