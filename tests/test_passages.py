@@ -143,3 +143,22 @@ def test_cli_end_to_end_prints_the_summary(tmp_path, lake):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "documents read:    6" in result.stdout
     assert "dropped by reason: " in result.stdout and "unreadable 1" in result.stdout
+
+
+def test_duplicates_found_across_files_by_full_64_bit_keys(tmp_path):
+    def staging(name, rows):
+        table = pa.Table.from_pylist([{**row, "kind": row.get("kind", "passage")} for row in rows], schema=passages.STAGING_SCHEMA)
+        pq.write_table(table, tmp_path / name)
+        return storage.locate(str(tmp_path / name))
+
+    big = 2**63 + 12345
+    first = staging("a.parquet", [{"passage_id": "a0", "dedup_key": big, "sample_key": 1},
+                                  {"kind": "reject", "reason": "empty"},
+                                  {"passage_id": "a2", "dedup_key": big + 1, "sample_key": 2}])
+    second = staging("b.parquet", [{"passage_id": "b0", "dedup_key": big + 1, "sample_key": 3},
+                                   {"passage_id": "b1", "dedup_key": big, "sample_key": 4}])
+    duplicate_of, kept_sample_keys = passages.find_duplicates([first, second])
+    # Keys one apart near 2**63 stay apart; the earliest of equal keys (file order, then row order) is kept.
+    assert duplicate_of == [{}, {0: "a2", 1: "a0"}]
+    assert sorted(kept_sample_keys.tolist()) == [1, 2]
+    assert passages.sample_threshold(kept_sample_keys, 1) == 1 and passages.sample_threshold(kept_sample_keys, 2) is None

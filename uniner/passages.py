@@ -1,24 +1,27 @@
-"""Stage 1, `uniner passages`: documents -> token-bounded passages, deduplicated and sampled, on Ray Data.
+"""Stage 1, `uniner passages`: documents -> token-bounded passages, deduplicated and sampled, on Ray.
 
-read + chunk (actors holding the tokenizer, one file at a time) -> staging table -> dedup (group by normalized-text
-hash, the earliest passage kept) -> seeded sample (the smallest hashes of seed and passage id) -> Parquet.
-Writes OUTPUT/*.parquet (the passages contract), OUTPUT/_rejects/ (every dropped item with its reason) and
-OUTPUT/_summary.json, written last: its presence means the stage finished.
+read + chunk (Ray Data over the files; actors hold the tokenizer and write one staging file per input file)
+-> dedup (the driver sorts two 8-byte keys per candidate passage; the earliest of equal normalized texts is kept)
+-> seeded sample (the smallest hashes of seed and passage id) -> one Ray task per staging file writes its passages
+and rejects. Writes OUTPUT/*.parquet (the passages contract), OUTPUT/_rejects/ (every dropped item with its
+reason) and OUTPUT/_summary.json, written last: its presence means the stage finished.
+
+Only keys reach the driver: 16 bytes per candidate passage (160 MB for ten million), never documents or text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import unicodedata
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from uniner import storage
 from uniner.chunking import Chunker
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 PASSAGE_COLUMNS = ["passage_id", "doc_id", "text", "char_start", "char_end", "n_tokens", "source"]
 STAGING_SCHEMA = pa.schema(
     [
-        ("kind", pa.string()),  # passage | reject | file
+        ("kind", pa.string()),  # passage | reject
         ("passage_id", pa.string()),
         ("doc_id", pa.string()),
         ("text", pa.string()),
@@ -38,20 +41,17 @@ STAGING_SCHEMA = pa.schema(
         ("char_end", pa.int64()),
         ("n_tokens", pa.int64()),
         ("source", pa.string()),
-        ("order_key", pa.string()),  # input order, ending in the passage id: the smallest of duplicates is kept
-        ("dedup_key", pa.string()),
+        ("dedup_key", pa.uint64()),
         ("sample_key", pa.uint64()),
-        ("forced_cut", pa.bool_()),
         ("reason", pa.string()),
         ("detail", pa.string()),
-        ("documents", pa.int64()),  # on `file` rows: documents read from that file
     ]
 )
 REJECT_COLUMNS = ["source", "doc_id", "passage_id", "char_start", "char_end", "reason", "detail", "text"]
 SUMMARY_FILE = "_summary.json"
 REJECTS_DIR = "_rejects"
 WORK_DIR = "_work"
-ROWS_PER_TABLE = 2048
+ROWS_PER_GROUP = 2048
 
 
 def passage_id(doc_id: str, char_start: int) -> str:
@@ -59,10 +59,10 @@ def passage_id(doc_id: str, char_start: int) -> str:
     return hashlib.sha1(f"{doc_id}\x00{char_start}".encode()).hexdigest()[:20]
 
 
-def dedup_key(text: str) -> str:
-    """Hash of the normalized text (NFKC, case-folded, whitespace collapsed): equal keys are duplicates."""
+def dedup_key(text: str) -> int:
+    """64-bit hash of the normalized text (NFKC, case-folded, whitespace collapsed): equal keys are duplicates."""
     normalized = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-    return hashlib.sha1(normalized.encode()).hexdigest()[:20]
+    return int.from_bytes(hashlib.sha1(normalized.encode()).digest()[:8], "big")
 
 
 def sample_key(seed: int, pid: str) -> int:
@@ -71,139 +71,136 @@ def sample_key(seed: int, pid: str) -> int:
 
 
 class FilePassages:
-    """Ray Data callable class: file rows in, staging rows out (passages, rejects and one `file` row per file)."""
+    """Ray Data callable class: one input file per row in; it writes that file's staging table (passages and
+    rejects, in input order) and returns one row of tallies."""
 
-    def __init__(self, *, config: PassagesConfig, filesystem):
+    def __init__(self, *, config: PassagesConfig, filesystem, staging: storage.Location):
         from uniner.models import load_tokenizer
 
         self.config = config
         self.filesystem = filesystem
+        self.staging = staging
         self.settings = ReaderSettings(config.input_format, config.text_field, config.id_field)
         self.chunker = Chunker(load_tokenizer(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url), config.max_tokens)
 
-    def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
-        for uri, path, relative, index in zip(batch["uri"], batch["path"], batch["relative"], batch["index"]):
-            yield from self._file(storage.Location(str(uri), self.filesystem, str(path)), str(relative), int(index))
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        tallies = [self._file(storage.Location(str(uri), self.filesystem, str(path)), str(relative), int(index))
+                   for uri, path, relative, index in zip(batch["uri"], batch["path"], batch["relative"], batch["index"])]
+        return {key: [t[key] for t in tallies] for key in tallies[0]}
 
-    def _file(self, location: storage.Location, relative: str, file_index: int) -> Iterator[pa.Table]:
+    def _file(self, location: storage.Location, relative: str, file_index: int) -> dict[str, Any]:
+        tally = {"index": file_index, "documents": 0, "candidates": 0, "forced_cuts": 0, "rejects": {}}
+        target = self.staging.join(staging_name(file_index))
         rows: list[dict[str, Any]] = []
-        documents = 0
-        for record_index, item in enumerate(read_documents(location, relative, self.settings)):
-            if isinstance(item, Document):
-                documents += 1
-                rows.extend(self._passages(item, f"{file_index:09d}:{record_index:012d}"))
-            else:
-                text = item.preview
-                rows.append({"kind": "reject", "doc_id": item.doc_id, "source": item.source, "reason": item.reason, "detail": item.detail, "text": text})
-            if len(rows) >= ROWS_PER_TABLE:
-                yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
-                rows = []
-        rows.append({"kind": "file", "source": location.uri, "documents": documents})
-        yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+        with self.staging.fs.open_output_stream(target.path) as stream, pq.ParquetWriter(stream, STAGING_SCHEMA) as writer:
+            for item in read_documents(location, relative, self.settings):
+                if isinstance(item, Document):
+                    tally["documents"] += 1
+                    rows.extend(self._passages(item, tally))
+                else:
+                    rows.append({"kind": "reject", "doc_id": item.doc_id, "source": item.source, "reason": item.reason,
+                                 "detail": item.detail, "text": item.preview})
+                    tally["rejects"][item.reason] = tally["rejects"].get(item.reason, 0) + 1
+                if len(rows) >= ROWS_PER_GROUP:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA))
+                    rows = []
+            writer.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA))
+        tally["rejects"] = json.dumps(tally["rejects"])  # one string column: reasons vary from file to file
+        return tally
 
-    def _passages(self, document: Document, order: str) -> Iterator[dict[str, Any]]:
+    def _passages(self, document: Document, tally: dict[str, Any]):
         for span in self.chunker.spans(document.text):
             text = document.text[span.start : span.end]
             pid = passage_id(document.doc_id, span.start)
-            row = {
-                "passage_id": pid,
-                "doc_id": document.doc_id,
-                "text": text,
-                "char_start": span.start,
-                "char_end": span.end,
-                "n_tokens": span.n_tokens,
-                "source": document.source,
-                "forced_cut": span.forced,
-            }
+            tally["forced_cuts"] += span.forced
+            row = {"passage_id": pid, "doc_id": document.doc_id, "text": text, "char_start": span.start,
+                   "char_end": span.end, "n_tokens": span.n_tokens, "source": document.source}
             if span.n_tokens < self.config.min_tokens:
                 detail = f"{span.n_tokens} tokens, fewer than --min-tokens {self.config.min_tokens}"
+                tally["rejects"]["too_short"] = tally["rejects"].get("too_short", 0) + 1
                 yield {**row, "kind": "reject", "reason": "too_short", "detail": detail}
             else:
-                yield {
-                    **row,
-                    "kind": "passage",
-                    "order_key": f"{order}:{span.start:012d}:{pid}",
-                    "dedup_key": dedup_key(text),
-                    "sample_key": sample_key(self.config.seed, pid),
-                }
+                tally["candidates"] += 1
+                yield {**row, "kind": "passage", "dedup_key": dedup_key(text), "sample_key": sample_key(self.config.seed, pid)}
 
 
-def duplicate_groups(candidates, partitions: int) -> pa.Table:
-    """The dedup keys that occur more than once, each with the order key of its earliest passage (the keeper).
+def staging_name(file_index: int) -> str:
+    return f"{file_index:09d}.parquet"
 
-    A vectorized hash aggregation; only repeated keys come back to the driver.
+
+def find_duplicates(files: list[storage.Location]) -> tuple[list[dict[int, str]], np.ndarray]:
+    """Duplicates by normalized text over all staging files, the earliest in input order kept.
+
+    Returns, per file, {row: passage id of the kept passage} for its duplicate rows, and the sample keys of the kept
+    candidates. A stable sort of the 64-bit text keys puts equal texts together in input order.
     """
-    import ray
-    from ray.data.aggregate import Count, Min
-
-    grouped = candidates.select_columns(["dedup_key", "order_key"]).groupby("dedup_key", num_partitions=partitions)
-    counted = grouped.aggregate(Count(alias_name="n"), Min("order_key", alias_name="keeper"))
-    repeated = counted.map_batches(lambda t: t.filter(pc.greater(t["n"], 1)), batch_format="pyarrow", batch_size=None)
-    tables = ray.get(repeated.to_arrow_refs())
-    if not tables:
-        return pa.table({"dedup_key": pa.array([], pa.string()), "keeper": pa.array([], pa.string())})
-    return pa.concat_tables(tables).select(["dedup_key", "keeper"])
-
-
-class MarkDuplicates:
-    """Adds `duplicate_of` (the keeper's passage id, or null) to candidate passages, given the repeated keys."""
-
-    def __init__(self, groups: pa.Table):
-        self.repeated = groups["dedup_key"]
-        self.keepers = dict(zip(groups["dedup_key"].to_pylist(), groups["keeper"].to_pylist()))
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        duplicate_of: list[str | None] = [None] * table.num_rows
-        keys, orders = table["dedup_key"], table["order_key"]
-        for index in np.flatnonzero(pc.is_in(keys, value_set=self.repeated).to_numpy(zero_copy_only=False)):
-            keeper = self.keepers[keys[index].as_py()]
-            if keeper != orders[index].as_py():
-                duplicate_of[index] = keeper.rsplit(":", 1)[1]
-        return table.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
-
-
-def smallest_keys(table: pa.Table, n: int) -> pa.Table:
-    """The n smallest sample keys of one block."""
-    keys = table["sample_key"].to_numpy()
-    if len(keys) > n:
-        keys = np.partition(keys, n - 1)[:n]
-    return pa.table({"sample_key": pa.array(keys, pa.uint64())})
+    rows, text_keys, sample_keys = [], [], []
+    for file in files:
+        table = pq.read_table(file.path, filesystem=file.fs, columns=["kind", "dedup_key", "sample_key"])
+        is_candidate = pc.equal(table["kind"], "passage")
+        rows.append(np.flatnonzero(is_candidate.to_numpy(zero_copy_only=False)))
+        # Filtered first: a column with nulls would convert to float64 and lose the keys' low bits.
+        candidates = table.filter(is_candidate)
+        text_keys.append(candidates["dedup_key"].to_numpy())
+        sample_keys.append(candidates["sample_key"].to_numpy())
+    counts = [len(r) for r in rows]
+    file_of = np.repeat(np.arange(len(files)), counts)
+    row_of = np.concatenate(rows) if rows else np.array([], np.int64)
+    keys = np.concatenate(text_keys) if text_keys else np.array([], np.uint64)
+    order = np.argsort(keys, kind="stable")
+    first = np.ones(len(order), bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    keeper_in_order = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+    duplicates = order[~first]
+    keepers = keeper_in_order[~first]
+    keeper_ids = _passage_ids(files, file_of[np.unique(keepers)], row_of[np.unique(keepers)])
+    per_file: list[dict[int, str]] = [{} for _ in files]
+    for duplicate, keeper in zip(duplicates, keepers):
+        per_file[file_of[duplicate]][int(row_of[duplicate])] = keeper_ids[(int(file_of[keeper]), int(row_of[keeper]))]
+    kept = np.ones(len(keys), bool)
+    kept[duplicates] = False
+    return per_file, (np.concatenate(sample_keys) if sample_keys else np.array([], np.uint64))[kept]
 
 
-def sample_threshold(kept, n: int) -> int | None:
-    """The n-th smallest sample key over all kept passages (None when there are fewer than n)."""
-    import ray
+def _passage_ids(files: list[storage.Location], file_indexes: np.ndarray, row_indexes: np.ndarray) -> dict[tuple[int, int], str]:
+    ids: dict[tuple[int, int], str] = {}
+    for file_index in np.unique(file_indexes):
+        wanted = row_indexes[file_indexes == file_index]
+        column = pq.read_table(files[file_index].path, filesystem=files[file_index].fs, columns=["passage_id"])["passage_id"]
+        ids.update({(int(file_index), int(r)): pid for r, pid in zip(wanted, column.take(wanted).to_pylist())})
+    return ids
 
-    block_keys = kept.map_batches(smallest_keys, fn_kwargs={"n": n}, batch_format="pyarrow", batch_size=None)
-    tables = ray.get(block_keys.to_arrow_refs())
-    keys = np.concatenate([t["sample_key"].to_numpy() for t in tables] or [np.array([], np.uint64)])
-    if len(keys) < n:
+
+def sample_threshold(sample_keys: np.ndarray, n: int) -> int | None:
+    """The n-th smallest sample key of the kept passages (None when there are n or fewer: all are kept)."""
+    if not n or len(sample_keys) <= n:
         return None
-    return int(np.partition(keys, n - 1)[n - 1])
+    return int(np.partition(sample_keys, n - 1)[n - 1])
 
 
-def _where(column: str, value: Any):
-    def select(table: pa.Table) -> pa.Table:
-        return table.filter(pc.equal(table[column], value))
-
-    return select
-
-
-def _is_null(column: str, null: bool):
-    def select(table: pa.Table) -> pa.Table:
-        mask = pc.is_null(table[column])
-        return table.filter(mask if null else pc.invert(mask))
-
-    return select
-
-
-def _as_rejects(table: pa.Table) -> pa.Table:
-    if "duplicate_of" in table.column_names:
-        n = table.num_rows
-        table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(["duplicate"] * n, pa.string()))
-        detail = pc.binary_join_element_wise(pa.array(["same text as passage "] * n), table["duplicate_of"], "")
-        table = table.set_column(table.schema.get_field_index("detail"), "detail", detail)
-    return table.select(REJECT_COLUMNS)
+def finalize(staging: storage.Location, output: storage.Location, name: str, duplicate_of: dict[int, str],
+             threshold: int | None) -> int:
+    """Write one staging file's passages (those kept and sampled) and rejects (its own and its duplicates)."""
+    table = pq.read_table(staging.path, filesystem=staging.fs)
+    is_passage = pc.equal(table["kind"], "passage").to_numpy(zero_copy_only=False)
+    duplicate = np.zeros(table.num_rows, bool)
+    duplicate[list(duplicate_of)] = True
+    sampled = np.ones(table.num_rows, bool)
+    if threshold is not None:
+        sampled = pc.fill_null(pc.less_equal(table["sample_key"], pa.scalar(threshold, pa.uint64())), False).to_numpy(zero_copy_only=False)
+    passages = table.filter(is_passage & ~duplicate & sampled).select(PASSAGE_COLUMNS)
+    rejects = table.filter(~is_passage | duplicate)
+    if duplicate_of:
+        rows = np.flatnonzero(~is_passage | duplicate)
+        rejects = rejects.set_column(rejects.schema.get_field_index("reason"), "reason",
+                                     pa.array(["duplicate" if r in duplicate_of else reason for r, reason in zip(rows, rejects["reason"].to_pylist())], pa.string()))
+        rejects = rejects.set_column(rejects.schema.get_field_index("detail"), "detail",
+                                     pa.array([f"same text as passage {duplicate_of[r]}" if r in duplicate_of else detail for r, detail in zip(rows, rejects["detail"].to_pylist())], pa.string()))
+    if passages.num_rows:
+        pq.write_table(passages, output.join(name).path, filesystem=output.fs)
+    if rejects.num_rows:
+        pq.write_table(rejects.select(REJECT_COLUMNS), output.join(REJECTS_DIR, name).path, filesystem=output.fs)
+    return passages.num_rows
 
 
 def list_inputs(config: PassagesConfig) -> list[storage.Location]:
@@ -241,55 +238,38 @@ def run(config: PassagesConfig) -> dict[str, Any]:
     files = list_inputs(config)
     storage.prepare_output(output, overwrite=config.overwrite)
     init_ray()
-    workers = config.num_workers or cluster_cpus()
-    workers = max(1, min(workers, len(files)))
+    workers = max(1, min(config.num_workers or cluster_cpus(), len(files)))
     log.info("passages: %d files -> %s with %d reader actors", len(files), output, workers)
 
-    items = [
-        {"uri": f.uri, "path": f.path, "relative": rel, "index": i}
-        for i, (f, rel) in enumerate(zip(files, relative_names(files)))
-    ]
-    work = output.join(WORK_DIR)
-    staging = work.join("staging")
+    items = [{"uri": f.uri, "path": f.path, "relative": rel, "index": i} for i, (f, rel) in enumerate(zip(files, relative_names(files)))]
+    staging = output.join(WORK_DIR, "staging")
     with storage.storage_errors("write", staging):
-        (
+        staging.fs.create_dir(staging.path, recursive=True)
+        # The actors write their own staging files, so nothing downstream needs a CPU: a fixed pool of `workers`
+        # actors cannot starve later tasks.
+        tallies = (
             ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(
-                FilePassages,
-                fn_constructor_kwargs={"config": config, "filesystem": files[0].fs},
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-                num_cpus=1,
-            )
-            .write_parquet(staging.path, filesystem=staging.fs)
+            .map_batches(FilePassages, fn_constructor_kwargs={"config": config, "filesystem": files[0].fs, "staging": staging},
+                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+            .take_all()
         )
-    staged = ray.data.read_parquet(staging.path, filesystem=staging.fs, schema=STAGING_SCHEMA)
-    counts = _counts(staged)
-
-    candidates = staged.map_batches(_where("kind", "passage"), batch_format="pyarrow", batch_size=None)
-    rejects = staged.map_batches(_where("kind", "reject"), batch_format="pyarrow", batch_size=None).map_batches(_as_rejects, batch_format="pyarrow", batch_size=None)
+    counts = _counts(tallies)
+    staged = [staging.join(staging_name(i)) for i in range(len(files))]
     if config.dedup:
         log.info("passages: deduplicating %d candidate passages", counts["candidates"])
-        groups = duplicate_groups(candidates, partitions=workers)
-        marked = candidates.map_batches(MarkDuplicates(groups), batch_format="pyarrow", batch_size=None)
-        kept = marked.map_batches(_is_null("duplicate_of", True), batch_format="pyarrow", batch_size=None)
-        duplicates = marked.map_batches(_is_null("duplicate_of", False), batch_format="pyarrow", batch_size=None)
-        rejects = rejects.union(duplicates.map_batches(_as_rejects, batch_format="pyarrow", batch_size=None))
+        duplicate_of, sample_keys = find_duplicates(staged)
     else:
-        kept = candidates
-    if config.sample_size:
-        threshold = sample_threshold(kept, config.sample_size)
-        if threshold is not None:
-            kept = kept.map_batches(lambda t: t.filter(pc.less_equal(t["sample_key"], pa.scalar(threshold, pa.uint64()))), batch_format="pyarrow", batch_size=None)
+        duplicate_of = [{} for _ in staged]
+        sample_keys = np.concatenate([pq.read_table(f.path, filesystem=f.fs, columns=["sample_key"], filters=[("kind", "=", "passage")])["sample_key"].to_numpy() for f in staged] or [np.array([], np.uint64)])
+    threshold = sample_threshold(sample_keys, config.sample_size)
     log.info("passages: writing passages and rejects")
+    write = ray.remote(num_cpus=1)(finalize)
     with storage.storage_errors("write", output):
-        kept.select_columns(PASSAGE_COLUMNS).write_parquet(output.path, filesystem=output.fs)
-        rejects.write_parquet(output.join(REJECTS_DIR).path, filesystem=output.fs)
-    counts["dropped"]["duplicate"] = _count_rows(output.join(REJECTS_DIR), reason="duplicate")
-
-    unique = counts["candidates"] - counts["dropped"].get("duplicate", 0)
-    written = min(unique, config.sample_size) if config.sample_size else unique
+        output.fs.create_dir(output.join(REJECTS_DIR).path, recursive=True)
+        written = sum(ray.get([write.remote(file, output, f"part-{i:09d}.parquet", duplicates, threshold)
+                               for i, (file, duplicates) in enumerate(zip(staged, duplicate_of))]))
+    counts["dropped"]["duplicate"] = sum(len(d) for d in duplicate_of)
+    unique = counts["candidates"] - counts["dropped"]["duplicate"]
     summary = {
         "stage": "passages",
         "input": config.input,
@@ -305,44 +285,17 @@ def run(config: PassagesConfig) -> dict[str, Any]:
         "config": to_dict(config),
     }
     storage.write_json(output.join(SUMMARY_FILE), summary)
-    storage.delete_tree(work)
+    storage.delete_tree(output.join(WORK_DIR))
     return summary
 
 
-def _count_rows(location: storage.Location, *, reason: str) -> int:
-    """Rows of a written Parquet folder with the given reason (read with pyarrow: a small column)."""
-    if not storage.exists(location):
-        return 0
-    dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
-    return dataset.count_rows(filter=pc.field("reason") == reason)
-
-
-def _count_batch(table: pa.Table) -> pa.Table:
-    """Per-batch tallies of the staging rows: (kind, reason) -> rows, documents, forced cuts."""
-    tallies: dict[tuple[str, str], list[int]] = {}
-    for kind, reason, documents, forced in zip(*(table[c].to_pylist() for c in ("kind", "reason", "documents", "forced_cut"))):
-        tally = tallies.setdefault((kind, reason or ""), [0, 0, 0])
-        tally[0] += 1
-        tally[1] += documents or 0
-        tally[2] += 1 if forced else 0
-    keys = list(tallies)
-    return pa.table({
-        "kind": [k for k, _ in keys], "reason": [r for _, r in keys],
-        "rows": [tallies[k][0] for k in keys], "documents": [tallies[k][1] for k in keys], "forced": [tallies[k][2] for k in keys],
-    })
-
-
-def _counts(staged) -> dict[str, Any]:
-    """One pass over the staging table: documents read, candidate passages, rejects by reason, forced cuts."""
+def _counts(tallies: list[dict[str, Any]]) -> dict[str, Any]:
     counts: dict[str, Any] = {"documents": 0, "candidates": 0, "forced_cuts": 0, "dropped": {}}
-    columns = ["kind", "reason", "documents", "forced_cut"]
-    for row in staged.select_columns(columns).map_batches(_count_batch, batch_format="pyarrow", batch_size=None).take_all():
-        counts["documents"] += row["documents"]
-        counts["forced_cuts"] += row["forced"]
-        if row["kind"] == "passage":
-            counts["candidates"] += row["rows"]
-        elif row["kind"] == "reject":
-            counts["dropped"][row["reason"]] = counts["dropped"].get(row["reason"], 0) + row["rows"]
+    for tally in tallies:
+        for key in ("documents", "candidates", "forced_cuts"):
+            counts[key] += int(tally[key])
+        for reason, n in json.loads(tally["rejects"]).items():
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + int(n)
     return counts
 
 
