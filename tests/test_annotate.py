@@ -1,0 +1,434 @@
+"""`uniner annotate`: the answer parser, the filters, faults and resume against a local fault-injecting server,
+the job-wide rate limit, and a happy path against a real vLLM OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from uniner.annotate import ANNOTATION_SCHEMA, annotation_row, run, type_statistics
+from uniner.config import AnnotateConfig
+from uniner.teacher import Answer, RateLimiter
+from uniner.teacher_answers import filter_pairs, parse_pairs
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-test-5ecret-do-not-leak"
+
+
+# ---- the parser ----
+
+@pytest.mark.parametrize(
+    "answer, pairs, problem",
+    [
+        ('[("Barack Obama", "person"), ("Paris", "city")]', [("Barack Obama", "person"), ("Paris", "city")], ""),
+        ('[["Barack Obama", "person"], ["Paris", "city"]]', [("Barack Obama", "person"), ("Paris", "city")], ""),
+        ("[('Paris', 'city'), ('Seine', 'river')]", [("Paris", "city"), ("Seine", "river")], ""),
+        ("""[("O'Brien", 'person'), ('the "Times"', "newspaper")]""", [("O'Brien", "person"), ('the "Times"', "newspaper")], ""),
+        ('```python\n[("Python", "programming language")]\n```', [("Python", "programming language")], ""),
+        ('Sure! Here are the entities:\n[("IBM", "company")]\nLet me know if you need more.', [("IBM", "company")], ""),
+        ('[("IBM", "company")]\n\nNote: [1] refers to the source.', [("IBM", "company")], ""),
+        ('[("Alice", "person"), ("Bob", "person"), ("Lond', [("Alice", "person"), ("Bob", "person")], ""),
+        ('[("Alice", "person"),\n ("Acme Corp", "compa', [("Alice", "person")], ""),
+        ('[{"entity": "NASA", "type": "agency"}]', [("NASA", "agency")], ""),
+        ('[("Tom [the cat]", "character")]', [("Tom [the cat]", "character")], ""),
+        ("[]", [], ""),
+        ('[("a", "b", "c"), ("d",)]', [], "the list holds no (entity, type) pairs"),
+        ("There are no entities in this passage.", [], "no list in the answer"),
+        ("[entity: Paris, type: city]", [], "neither JSON nor a Python literal"),
+        ("", [], "no list in the answer"),
+    ],
+)
+def test_parser_reads_what_teachers_send(answer, pairs, problem):
+    parsed = parse_pairs(answer)
+    assert parsed.pairs == pairs
+    assert (problem in parsed.problem) if problem else parsed.problem == ""
+
+
+def test_parser_marks_a_cut_off_list():
+    assert parse_pairs('[("Alice", "person"), ("Lond').truncated
+    assert not parse_pairs('[("Alice", "person")]').truncated
+
+
+def test_filters_drop_else_types_and_non_english_and_flag_strings_not_in_the_passage():
+    passage = "Alice met Bob in Paris."
+    kept, dropped = filter_pairs(
+        [("Alice", "person"), ("Bob", "NA"), ("Paris", "misc"), ("Москва", "city"), ("Alice", "person"),
+         ("Tokyo", "city"), ("  ", "thing"), ("Café Zoë", "place"), ("Bob", "Other")],
+        passage,
+    )
+    assert kept == [
+        {"text": "Alice", "type": "person", "in_passage": True},
+        {"text": "Tokyo", "type": "city", "in_passage": False},
+        {"text": "Café Zoë", "type": "place", "in_passage": False},
+    ]
+    assert [d["reason"] for d in dropped] == ["else-like type", "else-like type", "non-English entity", "duplicate",
+                                             "empty entity", "else-like type"]
+
+
+@pytest.mark.parametrize(
+    "answer, status",
+    [
+        (Answer(content='[("Alice", "person")]'), "ok"),
+        (Answer(content="[]"), "ok"),
+        (Answer(content="", refusal="I can't help with that."), "refused"),
+        (Answer(content="", finish_reason="content_filter"), "refused"),
+        (Answer(content="I'm sorry, but I cannot assist with that request."), "refused"),
+        (Answer(content="The passage mentions Alice."), "malformed"),
+        (Answer(error="InternalServerError 500: boom (after 7 attempts)"), "error"),
+    ],
+)
+def test_every_answer_gets_a_status(answer, status):
+    row = annotation_row("p1", "Alice sings.", answer, model="m", version="type-x")
+    assert row["status"] == status
+    assert (row["error"] != "") == (status != "ok")
+    pa.Table.from_pylist([row], schema=ANNOTATION_SCHEMA)  # the row fits the contract
+
+
+def test_type_statistics_top_one_percent():
+    types = ["person"] * 50 + ["city"] * 30 + [f"type{i}" for i in range(120)]
+    stats = type_statistics(types)
+    assert stats["distinct_types"] == 122 and stats["top_1pct_types"] == 2
+    assert stats["top_1pct_type_mention_share"] == pytest.approx(80 / 200)
+
+
+def test_rate_limiter_spaces_requests_and_tokens():
+    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=60_000)  # 10 requests/s, 1000 tokens/s
+    waits = [limiter.reserve(10) for _ in range(5)]
+    assert waits[0] == pytest.approx(0, abs=0.01) and waits[4] == pytest.approx(0.4, abs=0.02)
+    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=60_000)
+    waits = [limiter.reserve(500) for _ in range(3)]  # tokens bind: 0.5 s per request
+    assert waits[2] == pytest.approx(1.0, abs=0.02)
+
+
+# ---- a teacher that misbehaves on request ----
+
+class FaultServer:
+    """Chat completions on loopback; the passage text picks the behaviour. Counts requests per passage and keeps
+    server-side timestamps."""
+
+    def __init__(self, latency_s: float = 0.0):
+        self.latency_s = latency_s
+        self.requests: dict[str, list[float]] = defaultdict(list)
+        self.keys: set[str] = set()
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def count(self, passage: str) -> int:
+        with self.lock:
+            return len(self.requests[passage])
+
+    def times(self) -> list[float]:
+        with self.lock:
+            return sorted(t for ts in self.requests.values() for t in ts)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                passage = body["messages"][-1]["content"].split("Passage: ", 1)[1]
+                with server.lock:
+                    server.requests[passage].append(time.monotonic())
+                    nth = len(server.requests[passage])
+                    server.keys.add(self.headers.get("Authorization", ""))
+                time.sleep(server.latency_s)
+                status, content, finish, headers = server.behave(passage, nth)
+                if status == 0:
+                    time.sleep(3)  # past the client's timeout
+                    status, content, finish = 200, '[("late", "answer")]', "stop"
+                if status != 200:
+                    self._send(status, {"error": {"message": content, "type": "fault", "code": status}}, headers)
+                    return
+                message = {"role": "assistant", "content": content, "refusal": None}
+                self._send(200, {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 40 + len(passage) // 4, "completion_tokens": 12, "total_tokens": 52},
+                }, {})
+
+            def _send(self, status, payload, headers):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        return Handler
+
+    def behave(self, passage: str, nth: int) -> tuple[int, str, str, dict]:
+        """(HTTP status or 0 for "too slow", content, finish_reason, headers) for the nth request of a passage."""
+        name = passage.split()[0]
+        if passage.startswith("RATELIMITED") and nth == 1:
+            return 429, "slow down", "", {"Retry-After": "1"}
+        if passage.startswith("FLAKY") and nth == 1:
+            return 500, "internal error", "", {}
+        if passage.startswith("SLOW") and nth == 1:
+            return 0, "", "", {}
+        if passage.startswith("BROKEN"):
+            return 503, "unavailable", "", {}
+        if passage.startswith("LEAKY"):
+            return 400, f"bad request from key {SECRET}", "", {}
+        if passage.startswith("REFUSE"):
+            return 200, "I'm sorry, but I can't help with that.", "stop", {}
+        if passage.startswith("GARBLED"):
+            return 200, "Entities: the passage talks about things.", "stop", {}
+        if passage.startswith("CUTOFF"):
+            return 200, f'[("{name}", "signal"), ("Paris", "ci', "length", {}
+        return 200, f'Here you go:\n```\n[("{name}", "word"), ("Zanzibar", "island"), ("it", "none")]\n```', "stop", {}
+
+
+def write_passages(folder: Path, texts: list[str]) -> str:
+    """A passages table as `uniner passages` writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"passage_id": f"p{i:04d}", "doc_id": f"d{i}", "text": text, "char_start": 0, "char_end": len(text),
+             "n_tokens": len(text.split()), "source": "test"} for i, text in enumerate(texts)]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+    return str(folder)
+
+
+def read_output(folder) -> pa.Table:
+    return pads.dataset(str(folder), format="parquet", schema=ANNOTATION_SCHEMA).to_table()
+
+
+@pytest.fixture(scope="module")
+def worker_env():
+    """Ray workers import this checkout's `uniner`."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), previous) if p)
+    os.environ[f"UNINER_TEST_KEY"] = SECRET
+    yield
+    os.environ.pop("UNINER_TEST_KEY", None)
+
+
+def fault_config(server, passages, output, tmp_path, **overrides):
+    values = dict(input=passages, output=str(output), base_url=server.url, model="fault-teacher", api_key_env="UNINER_TEST_KEY",
+                  max_retries=2, timeout_s=1.0, requests_per_minute=6000, num_actors=1, concurrency=8, batch_size=2,
+                  cache=str(tmp_path / "cache"), price_input_per_mtok=1.0, price_output_per_mtok=2.0)
+    values.update(overrides)
+    return AnnotateConfig(**values)
+
+
+def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_session):
+    texts = ["RATELIMITED Alice went home.", "FLAKY Bob went out.", "SLOW Carol sat down.", "BROKEN Dan stood up.",
+             "REFUSE Eve left.", "GARBLED Fay came.", "CUTOFF Gus ran off to Paris.", "LEAKY Hal sang.",
+             "Ivy waved.", "Jon nodded."]
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", texts)
+    config = fault_config(server, passages, tmp_path / "out", tmp_path)
+    summary = run(config)
+
+    table = read_output(tmp_path / "out")
+    rows = {row["text"]: row for row in table.to_pylist()}
+    assert sorted(table["passage_id"].to_pylist()) == [f"p{i:04d}" for i in range(len(texts))]
+    status = {text.split()[0]: rows[text]["status"] for text in texts}
+    assert status == {"RATELIMITED": "ok", "FLAKY": "ok", "SLOW": "ok", "BROKEN": "error", "REFUSE": "refused",
+                      "GARBLED": "malformed", "CUTOFF": "ok", "LEAKY": "error", "Ivy": "ok", "Jon": "ok"}
+    counts = {text.split()[0]: server.count(text) for text in texts}
+    assert counts == {"RATELIMITED": 2, "FLAKY": 2, "SLOW": 2, "BROKEN": 3, "REFUSE": 1, "GARBLED": 1, "CUTOFF": 1,
+                      "LEAKY": 1, "Ivy": 1, "Jon": 1}
+    limited = server.requests["RATELIMITED Alice went home."]
+    assert limited[1] - limited[0] >= 1.0  # Retry-After: 1 was honoured
+    assert rows["Ivy waved."]["entities"] == [{"text": "Ivy", "type": "word", "in_passage": True},
+                                              {"text": "Zanzibar", "type": "island", "in_passage": False}]
+    assert rows["Ivy waved."]["dropped_entities"] == [{"text": "it", "type": "none", "reason": "else-like type"}]
+    assert rows["CUTOFF Gus ran off to Paris."]["entities"] == [{"text": "CUTOFF", "type": "signal", "in_passage": True}]
+    assert "cut off" in rows["CUTOFF Gus ran off to Paris."]["error"]
+    assert "after 3 attempts" in rows["BROKEN Dan stood up."]["error"]
+    assert SECRET not in rows["LEAKY Hal sang."]["error"] and "***" in rows["LEAKY Hal sang."]["error"]
+    assert server.keys == {f"Bearer {SECRET}"}
+
+    assert summary["passages_stored"] == 10 and summary["status"]["ok"] == 6
+    assert summary["entities"] == 6 * 2 - 1 and summary["entities_not_in_passage"] == 5
+    assert summary["this_run"]["requests"] == sum(counts.values()) and summary["this_run"]["answered_from_cache"] == 0
+    assert summary["tokens"]["output"] == 8 * 12 and summary["cost_estimate_usd"] > 0
+    written = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert written["distinct_types"] == summary["distinct_types"] == 3  # word, island, signal
+
+    # The same command again: everything is stored, so not one request is sent.
+    before = sum(server.count(t) for t in texts)
+    again = run(config)
+    assert sum(server.count(t) for t in texts) == before and again["this_run"]["requests"] == 0
+    assert read_output(tmp_path / "out").num_rows == 10
+
+    # A fresh output with the same settings: answers come from the cache; only the errors are asked again.
+    fresh = run(fault_config(server, passages, tmp_path / "out2", tmp_path))
+    assert sum(server.count(t) for t in texts) == before + 3 + 1  # BROKEN: 3 attempts, LEAKY: 1
+    assert fresh["this_run"]["answered_from_cache"] == 8 and fresh["this_run"]["cost_estimate_usd"] == 0
+    for path in [*(tmp_path / "out").rglob("*"), *(tmp_path / "cache").rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    server.stop()
+
+
+def test_rate_limit_holds_for_the_whole_job(tmp_path, worker_env, ray_session):
+    server = FaultServer()
+    texts = [f"Word{i} is here." for i in range(16)]
+    rpm = 300  # 5 requests per second over two actors
+    config = fault_config(server, write_passages(tmp_path / "passages", texts), tmp_path / "out", tmp_path,
+                          requests_per_minute=rpm, num_actors=2, cache="off")
+    summary = run(config)
+    assert summary["status"] == {"ok": 16}
+    times = server.times()
+    assert len(times) == 16
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # Requests are spaced 60/rpm = 0.2 s apart (a few ms of scheduling jitter allowed), so no window exceeds the rate.
+    assert min(gaps) >= 60 / rpm - 0.03, gaps
+    for start in times:
+        window = [t for t in times if start <= t < start + 1.0]
+        assert len(window) <= rpm / 60
+    assert (times[-1] - times[0]) / 15 == pytest.approx(60 / rpm, rel=0.25)  # and the rate is used, not wasted
+    server.stop()
+
+
+def test_kill_halfway_then_rerun_stores_every_passage_once(tmp_path, worker_env):
+    server = FaultServer(latency_s=0.3)
+    texts = [f"Name{i} walked to the market." for i in range(40)]
+    passages = write_passages(tmp_path / "passages", texts)
+    output = tmp_path / "out"
+    args = ["annotate", "--input", passages, "--output", str(output), "--base-url", server.url, "--model", "fault-teacher",
+            "--api-key-env", "UNINER_TEST_KEY", "--num-actors", "1", "--concurrency", "2", "--batch-size", "2",
+            "--requests-per-minute", "600", "--cache", "off"]
+    job = subprocess.Popen([sys.executable, "-m", "uniner", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)  # the job's own process group: the driver and the Ray it started
+    job.wait()
+    time.sleep(2)  # let any request still on the wire finish
+    stored_first = set(read_output(output)["text"].to_pylist())
+    assert 0 < len(stored_first) < len(texts)
+    counts_first = {t: server.count(t) for t in texts}
+
+    result = run_cli(*args, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    table = read_output(output)
+    assert sorted(table["text"].to_pylist()) == sorted(texts) and set(table["status"].to_pylist()) == {"ok"}
+    for text in stored_first:
+        assert server.count(text) == counts_first[text], text  # not asked again
+    summary = json.loads((output / "_summary.json").read_text())
+    assert summary["stored_before_this_run"] == len(stored_first)
+    assert summary["this_run"]["requests"] == len(texts) - len(stored_first)  # no retries: the server never fails
+    assert "this run:" in result.stdout and "top 1% of types" in result.stdout
+    server.stop()
+
+
+def test_dry_run_estimates_without_a_request(tmp_path):
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", ["Alice met Bob in Paris. " * 10] * 3)
+    result = run_cli("annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", server.url,
+                     "--price-input-per-mtok", "1000", "--max-tokens", "100", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "annotate 3 of 3 passages" in result.stdout and "estimated input tokens (chars/4 rule)" in result.stdout
+    assert "estimated cost: $0." in result.stdout and server.times() == []
+    assert not (tmp_path / "out").exists()
+    server.stop()
+
+
+def test_changed_settings_on_resume_are_a_one_line_error(tmp_path, worker_env, ray_session):
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", ["Ann is here."])
+    run(fault_config(server, passages, tmp_path / "out", tmp_path))
+    result = run_cli("annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", server.url,
+                     "--model", "another-teacher")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "holds annotations made with other settings" in result.stderr and "--overwrite" in result.stderr
+    server.stop()
+
+
+# ---- a real OpenAI-compatible server: vLLM serving the built-in model ----
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(builtin_model_dir, tmp_path_factory):
+    port = _free_port()
+    log_file = tmp_path_factory.mktemp("vllm") / "server.log"
+    with open(log_file, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(builtin_model_dir),
+             "--served-model-name", "smol-teacher", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
+             "--dtype", "float32", "--enforce-eager"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {server.returncode}: {log_file.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the vLLM server did not become healthy in 300 s: {log_file.read_text()[-2000:]}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: its engine processes go with it
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_happy_path_against_vllm(tmp_path, vllm_server):
+    texts = ["Barack Obama was born in Hawaii and served as president of the United States.",
+             "Apple released the iPhone in San Francisco in 2007.",
+             "Marie Curie won the Nobel Prize in Physics in 1903."]
+    passages = write_passages(tmp_path / "passages", texts)
+    result = run_cli("annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", vllm_server,
+                     "--model", "smol-teacher", "--api-key-env", "UNINER_NO_SUCH_KEY", "--max-tokens", "48",
+                     "--cache", "off", "--num-actors", "1", "--price-input-per-mtok", "0.5", "--price-output-per-mtok", "1.5",
+                     env={"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "placeholder key" in result.stderr
+    table = read_output(tmp_path / "out")
+    assert sorted(table["text"].to_pylist()) == sorted(texts)
+    assert set(table["status"].to_pylist()) <= {"ok", "malformed", "refused"}
+    assert all(table["input_tokens"].to_pylist()) and all(0 < n <= 48 for n in table["output_tokens"].to_pylist())
+    assert all(raw for raw in table["raw_response"].to_pylist())
+    assert set(table["teacher_model"].to_pylist()) == {"smol-teacher"}
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["passages_stored"] == 3 and summary["this_run"]["requests"] == 3
+    assert summary["cost_estimate_usd"] > 0
