@@ -61,9 +61,10 @@ class Secret:
 class RateLimiter:
     """Requests per minute and tokens per minute for the whole job, as spacing between request start times.
 
-    Each limit is a reservation bucket with no burst: a request costing c tokens may start c/rate seconds after
-    the previous one's reservation, so the job never runs above either rate. `reserve` answers how long the caller
-    must wait; a reservation is never given back, so a caller that waits exactly that long stays under the limits.
+    Each limit is a reservation bucket with no burst: a request may start 60/rpm seconds after the previous one,
+    and a request costing c tokens holds the token budget for c/(tpm/60) seconds, so the job never runs above either
+    rate. `reserve` answers the wall-clock time at which the caller may send (an absolute time, so that the latency
+    of the answer itself cannot bring two requests closer); reservations are never given back.
     """
 
     def __init__(self, requests_per_minute: float, tokens_per_minute: float):
@@ -73,11 +74,10 @@ class RateLimiter:
         self.next_tokens_at = 0.0
 
     def reserve(self, tokens: int) -> float:
-        now = time.monotonic()
-        start = max(now, self.next_request_at, self.next_tokens_at)
+        start = max(time.time(), self.next_request_at, self.next_tokens_at)
         self.next_request_at = start + self.request_interval
         self.next_tokens_at = start + tokens * self.seconds_per_token
-        return start - now
+        return start
 
 
 @dataclass
@@ -196,7 +196,8 @@ class Teacher:
         messages = teacher_messages(passage, variant=self.variant)
         cost = prompt_tokens(passage, self.variant) + self.max_tokens
         for attempt in range(self.max_retries + 1):
-            await asyncio.sleep(await self.limiter.reserve.remote(cost))
+            send_at = await self.limiter.reserve.remote(cost)
+            await asyncio.sleep(max(0.0, send_at - time.time()))
             try:
                 response = await self.client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
