@@ -1,6 +1,6 @@
 """`uniner annotate` against a local teacher with a fixed latency, and against `ray.data.llm`'s HTTP processor.
 
-    python benchmarks/teacher_throughput.py [--requests 240] [--latency-s 0.2] [--rpm 3600]
+    python benchmarks/teacher_throughput.py [--requests 480] [--latency-s 0.2] [--rpm 4800]
 
 A small async server (its own process) answers every chat request after `--latency-s`, and stamps the arrival of
 each request. Both runs send the same requests (the exact teacher prompt of every passage) to it, one after the
@@ -72,9 +72,9 @@ def passages_table(n: int) -> pa.Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--requests", type=int, default=480)
     parser.add_argument("--latency-s", type=float, default=0.2)
-    parser.add_argument("--rpm", type=int, default=3600, help="The stage's rate limit (requests per minute).")
+    parser.add_argument("--rpm", type=int, default=4800, help="The stage's rate limit (requests per minute).")
     parser.add_argument("--actors", type=int, default=2, help="Actors of the stage, and workers of the HTTP processor.")
     parser.add_argument("--concurrency", type=int, default=16, help="Requests in flight per actor of the stage.")
     args = parser.parse_args()
