@@ -19,8 +19,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector
 import pytest
 
+from uniner import storage
 from uniner.annotate import ANNOTATION_SCHEMA, annotation_row, run, type_statistics
 from uniner.config import AnnotateConfig
 from uniner.errors import UserError
@@ -202,6 +204,8 @@ class FaultServer:
             return 503, "unavailable", "", {}
         if passage.startswith("LEAKY"):
             return 400, f"bad request from key {SECRET}", "", {}
+        if passage.startswith("UNAUTHORIZED"):
+            return 401, "invalid api key", "", {}
         if passage.startswith("REFUSE"):
             return 200, "I'm sorry, but I can't help with that.", "stop", {}
         if passage.startswith("GARBLED"):
@@ -298,14 +302,18 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     server.stop()
 
 
-def test_rate_limit_holds_for_the_whole_job(tmp_path, worker_env, ray_session):
+def test_rate_limit_holds_for_the_whole_job_with_output_and_cache_on_s3(tmp_path, worker_env, ray_session, s3_bucket, s3_endpoint):
     server = FaultServer()
     texts = [f"Word{i} is here." for i in range(16)]
     rpm = 300  # 5 requests per second over two actors
-    config = fault_config(server, write_passages(tmp_path / "passages", texts), tmp_path / "out", tmp_path,
-                          requests_per_minute=rpm, num_actors=2, cache="off")
+    config = fault_config(server, write_passages(tmp_path / "passages", texts), f"{s3_bucket}/out", tmp_path,
+                          requests_per_minute=rpm, num_actors=2, cache=f"{s3_bucket}/cache", s3_endpoint_url=s3_endpoint)
     summary = run(config)
-    assert summary["status"] == {"ok": 16}
+    assert summary["status"] == {"ok": 16} and summary["passages_stored"] == 16
+    bucket = storage.locate(s3_bucket, s3_endpoint_url=s3_endpoint)
+    names = [info.path for info in bucket.fs.get_file_info(FileSelector(bucket.path, recursive=True)) if info.is_file]
+    assert sum("/cache/" in n for n in names) == 16 and any(n.endswith("/out/_summary.json") for n in names)
+    assert any("/out/part-" in n for n in names)
     times = server.times()
     assert len(times) == 16
     # Requests leave 60/rpm = 0.2 s apart. Client-side latency can only delay a request after its slot (by up to
@@ -364,6 +372,19 @@ def test_dry_run_estimates_without_a_request(tmp_path):
     assert "annotate 3 of 3 passages" in result.stdout and "estimated input tokens (chars/4 rule)" in result.stdout
     assert "estimated cost: $0." in result.stdout and server.times() == []
     assert not (tmp_path / "out").exists()
+    server.stop()
+
+
+def test_a_refused_key_stops_the_job_with_one_line(tmp_path, worker_env, ray_session):
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", ["UNAUTHORIZED Kim is here."])
+    with pytest.raises(UserError) as caught:
+        run(fault_config(server, passages, tmp_path / "out", tmp_path))
+    error = caught.value
+    assert "\n" not in str(error)
+    assert read_output(tmp_path / "out").num_rows == 0  # nothing stored: a rerun with the right key asks again
+    assert "refused the request (AuthenticationError 401" in str(error) and "$UNINER_TEST_KEY" in str(error)
+    assert SECRET not in str(error)
     server.stop()
 
 

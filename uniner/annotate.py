@@ -57,6 +57,7 @@ STATUSES = ("ok", "malformed", "refused", "error")
 SUMMARY_FILE = "_summary.json"
 RUN_FILE = "_run.json"
 PROGRESS_EVERY_S = 10.0
+JOB_STOP = "job stopped: "  # an error that every request would meet (wrong key, model or URL); never stored
 
 
 def annotation_row(passage_id: str, text: str, answer: Answer, *, model: str, version: str) -> dict[str, Any]:
@@ -107,7 +108,11 @@ class AnnotateBatch:
 
     async def _one(self, pid: str, text: str) -> dict[str, Any]:
         async with self.slots:
-            answer = await self.teacher.ask(text)
+            try:
+                answer = await self.teacher.ask(text)
+            except UserError as error:
+                # Ray Data does not carry an exception's type back to the driver: the driver sees the marker instead.
+                answer = Answer(error=f"{JOB_STOP}{error}")
         return annotation_row(pid, text, answer, model=self.config.model, version=self.version)
 
 
@@ -244,8 +249,11 @@ def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, p
     )
     written: set[str] = set()
     for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-        fresh = pc.invert(pc.is_in(table["passage_id"], value_set=pa.array(list(written), pa.string())))
-        table = table.filter(fresh)  # a task that Ray ran twice must not store its passages twice
+        stop = next((e for e in table["error"].to_pylist() if e.startswith(JOB_STOP)), None)
+        if stop:
+            raise UserError(stop[len(JOB_STOP) :])
+        fresh = [pid not in written for pid in table["passage_id"].to_pylist()]
+        table = table.filter(pa.array(fresh, pa.bool_()))  # a task that Ray ran twice must not store its passages twice
         if table.num_rows:
             write_part(output, table)
             written.update(table["passage_id"].to_pylist())
