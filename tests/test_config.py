@@ -56,9 +56,12 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(PassagesConfig, yaml_path=str(tmp_path / "nope.yaml"), overrides={})
 
 
-def test_pipeline_stages_must_be_known_and_contiguous():
-    with pytest.raises(UserError, match="contiguous"):
-        PipelineConfig(stages=["passages", "build-data"]).check()
+def test_pipeline_stages_must_be_known_and_in_order():
+    with pytest.raises(UserError, match="in the order"):
+        PipelineConfig(stages=["build-data", "passages"]).check()
+    with pytest.raises(UserError, match="once each"):
+        PipelineConfig(stages=["passages", "passages"]).check()
+    PipelineConfig(stages=["build-data", "train", "evaluate"]).check()
     with pytest.raises(UserError, match="unknown stage"):
         PipelineConfig(stages=["passages", "label"]).check()
     PipelineConfig(stages=["annotate", "build-data", "train"]).check()

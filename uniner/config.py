@@ -126,20 +126,28 @@ class AnnotateConfig(StageConfig):
 class BuildDataConfig(StageConfig):
     """`uniner build-data`: annotations or labelled NER files -> UniNER conversations (Pile-NER train.json shape)."""
 
-    input: str = setting("", "Annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files.")
-    output: str = setting("", "Output location of the conversations.")
+    input: list = setting([], "Inputs, comma-separated, each annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files (file, folder or glob); their records are concatenated.")
+    output: str = setting("", "Output directory: conversations.json (or <dataset>.json evaluation queries) and _summary.json.")
     input_kind: str = setting("auto", "What the input is: auto, annotations, conversations or bio.")
-    negatives_per_passage: int = setting(2, "Negative types per passage, drawn by type frequency, answered [].")
-    definition: bool = setting(False, "Build definition-style questions instead of type names.")
-    dataset_name: str = setting("", "Supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
-    label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types; empty: built-in maps.")
-    bio_column_order: str = setting("token-tag", "Column order of BIO files: token-tag (CrossNER/CoNLL) or tag-token (MIT).")
+    negatives_per_passage: int = setting(2, "Negative types per annotated passage, drawn by type frequency, answered [].")
+    drop_entities_not_in_text: bool = setting(True, "Drop teacher entities that do not occur in their passage (counted).")
+    dataset_name: str = setting("", "BIO inputs, supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
+    label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types (null drops one); empty: built-in maps.")
+    bio_column_order: str = setting("auto", "Column order of BIO files: auto (from the first line), token-tag (CrossNER/CoNLL) or tag-token (MIT).")
+    eval_queries: bool = setting(False, "BIO input: write evaluation queries, one conversation per (sentence, type).")
     merge_type_variants: bool = setting(False, "Merge case and plural variants of a type, and report the merges.")
-    seed: int = setting(0, "Seed for negative sampling and turn order.")
+    seed: int = setting(0, "Seed of negative sampling.")
 
     def check(self) -> None:
-        _require(self.input, "input", "annotations, a conversations file or BIO files")
+        if not self.input:
+            raise UserError("missing --input: give annotations, a conversations file or BIO files")
         _require(self.output, "output", "where to write the conversations")
+        if self.input_kind not in ("auto", "annotations", "conversations", "bio"):
+            raise UserError(f"unknown --input-kind {self.input_kind!r}: use auto, annotations, conversations or bio")
+        if self.bio_column_order not in ("auto", "token-tag", "tag-token"):
+            raise UserError(f"unknown --bio-column-order {self.bio_column_order!r}: use auto, token-tag or tag-token")
+        if self.negatives_per_passage < 0:
+            raise UserError("--negatives-per-passage cannot be negative")
 
 
 @dataclass(kw_only=True)
@@ -195,10 +203,19 @@ class ExtractConfig(StageConfig):
 class EvaluateConfig(StageConfig):
     """`uniner evaluate`: official UniNER F1 per dataset, with our span F1 beside it."""
 
-    data: list = setting([], "Evaluation files: UniNER eval JSON or BIO/CoNLL, comma-separated.")
-    output: str = setting("", "Report directory: report.json, report.md and report.png.")
+    data: list = setting([], "Evaluation files, comma-separated: UniNER evaluation JSON/JSONL, or BIO/CoNLL files.")
+    output: str = setting("", "Report directory: report.json, report.md, report.png (and predictions.jsonl when a model runs).")
     model: str = setting("", "Model spec to run; leave empty when scoring --predictions.")
-    predictions: str = setting("", "JSONL of {id, output} answers to score instead of running a model.")
+    predictions: str = setting("", "JSONL of {id, output} (plus dataset where ids repeat) to score instead of running a model.")
+    sample_per_dataset: int = setting(0, "Evaluate a fixed seeded sample of this many records (BIO: sentences) per file; 0: all.")
+    seed: int = setting(0, "Seed of the sample.")
+    label_map: str = setting("", "BIO files: YAML/JSON mapping of labels to types (null drops one); empty: built-in maps.")
+    bio_column_order: str = setting("auto", "BIO files: auto (from the first line), token-tag or tag-token.")
+    backend: str = setting("auto", "Engine for --model: auto (vLLM where installed), vllm or transformers.")
+    batch_size: int = setting(64, "Queries per engine batch.")
+    replicas: int = setting(1, "Engine actors.")
+    gpus_per_replica: float = setting(0.0, "GPUs per engine actor; 0 runs on CPU.")
+    max_new_tokens: int = setting(64, "Bound on the tokens of one answer.")
 
     def check(self) -> None:
         if not self.data:
@@ -206,6 +223,8 @@ class EvaluateConfig(StageConfig):
         _require(self.output, "output", "the report directory")
         if bool(self.model) == bool(self.predictions):
             raise UserError("give exactly one of --model (run a model) or --predictions (score existing answers)")
+        if self.sample_per_dataset < 0:
+            raise UserError("--sample-per-dataset cannot be negative")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
@@ -224,19 +243,24 @@ class PipelineConfig:
     """`uniner pipeline CONFIG.yaml`: several stages from one file, each stage's output the next one's input."""
 
     workdir: str = setting("uniner-out", "Directory (local or s3://) holding every stage's output by default.")
-    stages: list = setting(list(STAGE_ORDER), "Stages to run, a contiguous run of: " + ", ".join(STAGE_ORDER) + ".")
+    stages: list = setting(list(STAGE_ORDER), "Stages to run, in this order (any of them may be left out): " + ", ".join(STAGE_ORDER) + ".")
     sample_corpus_docs: int = setting(
         0, "When > 0, write a generated sample corpus of this many documents to WORKDIR/corpus and read it as input."
     )
     s3_endpoint_url: str = setting("", "S3-compatible endpoint, passed to every stage that sets none itself.")
+    stand_in_teacher: str = setting(
+        "", "A model spec to serve with vLLM's OpenAI-compatible server as a STAND-IN teacher for annotate (a demo, "
+        "not a real teacher); empty: annotate calls its own base_url."
+    )
+    optional_stages: list = setting([], "Stages skipped with a message, instead of failing, when an input file they need is missing.")
 
     def check(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_CONFIGS]
         if unknown:
             raise UserError(f"unknown stage(s) {', '.join(unknown)} in stages: use {', '.join(STAGE_ORDER)}")
         positions = [STAGE_ORDER.index(s) for s in self.stages]
-        if not positions or positions != list(range(positions[0], positions[0] + len(positions))):
-            raise UserError(f"stages must be a contiguous run in the order {' -> '.join(STAGE_ORDER)}")
+        if not positions or positions != sorted(set(positions)):
+            raise UserError(f"stages must be listed once each, in the order {' -> '.join(STAGE_ORDER)}")
 
 
 # ---- reading values from YAML and the command line ----

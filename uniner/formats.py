@@ -95,7 +95,7 @@ class Template:
 
 # The official UniNER evaluation reads only what follows the last `ASSISTANT:`, and only a bracketed list at the
 # very start of it, on one line, up to the first `]`.
-_OFFICIAL_LIST = re.compile(r"\[(.*?)\]")
+OFFICIAL_LIST = re.compile(r"\[(.*?)\]")
 _QUOTED = re.compile(r'"((?:[^"\\\n]|\\.)*)"' + r"|'((?:[^'\\\n]|\\.)*)'")
 _FENCE = re.compile(r"```[a-zA-Z]*")
 
@@ -107,10 +107,10 @@ def answer_text(output: str) -> str:
 
 def parse_answer(output: str) -> list:
     """The official parser: the JSON list at the start of the answer, or [] on any failure. Items are as decoded."""
-    match = _OFFICIAL_LIST.match(answer_text(output))
+    match = OFFICIAL_LIST.match(answer_text(output))
     try:
         items = json.loads(match.group() if match else "[]")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return []
     return items if isinstance(items, list) else []
 

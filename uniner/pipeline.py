@@ -1,4 +1,4 @@
-"""`uniner pipeline CONFIG.yaml`: a contiguous run of stages, each stage's output the next one's input.
+"""`uniner pipeline CONFIG.yaml`: several stages in order, each fed by the outputs of the ones before.
 
 A stage whose output already holds its `_summary.json` finished earlier and is skipped, so rerunning after a
 failure resumes at the first unfinished stage.
@@ -18,8 +18,16 @@ from uniner.errors import UserError
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"
-# Which setting of each stage takes the previous stage's output.
-INPUT_SETTING = {"passages": "input", "annotate": "input", "build-data": "input", "train": "data", "extract": "input", "evaluate": "model"}
+# Where a stage's settings come from when its section does not set them: an earlier stage's output in the same
+# run, or the corpus (the sample corpus, else the passages stage's input).
+SOURCES = {
+    "passages": {"input": "corpus"},
+    "annotate": {"input": "passages"},
+    "build-data": {"input": "annotate"},
+    "train": {"data": "build-data"},
+    "extract": {"input": "corpus", "model": "train"},
+    "evaluate": {"model": "train"},
+}
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -45,14 +53,17 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
     pipeline.check()
     workdir = storage.locate(pipeline.workdir, s3_endpoint_url=pipeline.s3_endpoint_url)
     configs: dict[str, Any] = {}
-    previous_output = workdir.join("corpus").uri if pipeline.sample_corpus_docs else None
+    outputs: dict[str, str] = {}
+    if pipeline.sample_corpus_docs:
+        outputs["corpus"] = workdir.join("corpus").uri
+    elif isinstance(raw.get("passages"), dict) and raw["passages"].get("input"):
+        outputs["corpus"] = str(raw["passages"]["input"])
     for name in pipeline.stages:
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise UserError(f"section {name!r} {where} must be a mapping of settings")
         values = {"output": workdir.join(name).uri, "s3_endpoint_url": pipeline.s3_endpoint_url}
-        if previous_output is not None:
-            values[INPUT_SETTING[name]] = previous_output
+        values.update({key: outputs[source] for key, source in SOURCES[name].items() if source in outputs})
         values.update({str(k).replace("-", "_"): v for k, v in section.items()})
         cls = STAGE_CONFIGS[name]
         config = build_config(cls, {}, where)
@@ -63,7 +74,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
             setattr(config, key, coerce(value, kinds[key], key, f"of stage {name} {where}"))
         config.check()
         configs[name] = config
-        previous_output = config.output
+        outputs[name] = config.output
     return pipeline, configs
 
 
@@ -88,21 +99,48 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         return 0
     if pipeline.sample_corpus_docs:
         _ensure_corpus(pipeline)
-    summaries = {}
+    summaries, skipped = {}, {}
     for name, config in configs.items():
         if _finished(config):
             log.info("pipeline: %s finished earlier (%s/%s), skipping", name, config.output, SUMMARY_FILE)
             summaries[name] = storage.read_json(storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE))
             continue
+        missing = _missing_inputs(name, config) if name in pipeline.optional_stages else []
+        if missing:
+            skipped[name] = f"skipped: {', '.join(missing)} not found"
+            log.warning("pipeline: %s %s", name, skipped[name])
+            continue
         log.info("pipeline: running %s -> %s", name, config.output)
-        config.overwrite = True  # an unfinished stage's partial output is replaced
-        summaries[name] = modules[name].run(config)
+        # A stage that resumes keeps its partial output; any other replaces it.
+        config.overwrite = not getattr(modules[name], "RESUMES", False)
+        if name == "annotate" and pipeline.stand_in_teacher:
+            summaries[name] = _annotate_with_stand_in(modules[name], config, pipeline.stand_in_teacher)
+        else:
+            summaries[name] = modules[name].run(config)
     print("\nuniner pipeline: done")
-    for name, summary in summaries.items():
+    for name in configs:
         print(f"{name}: output in {configs[name].output}")
-        for line in modules[name].summary_lines(summary):
+        lines = [skipped[name]] if name in skipped else modules[name].summary_lines(summaries[name])
+        for line in lines:
             print("  " + line)
     return 0
+
+
+def _missing_inputs(name: str, config: Any) -> list[str]:
+    """Input files of an optional stage that do not exist (evaluation data, a build-data input)."""
+    uris = {"evaluate": lambda: config.data, "build-data": lambda: config.input}.get(name, lambda: [])()
+    return [uri for uri in uris if not storage.exists(storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url))]
+
+
+def _annotate_with_stand_in(module: Any, config: Any, spec: str) -> dict[str, Any]:
+    """Run annotate against vLLM's own server for `spec`, labelled as a stand-in wherever the teacher is named."""
+    from uniner.models import openai_server
+
+    served_name = f"STAND-IN-TEACHER:{spec}"
+    log.warning("pipeline: annotate uses %s served locally as a STAND-IN teacher, not a real teacher", spec)
+    with openai_server(spec, served_name=served_name) as base_url:
+        config.base_url, config.model = base_url, served_name
+        return module.run(config)
 
 
 def _finished(config: Any) -> bool:

@@ -1,0 +1,237 @@
+"""`uniner build-data`: exact conversations, negative sampling, imports, BIO conversion and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from uniner import bio
+from uniner.build_data import NegativeSampler, run, type_statistics, type_variant_merges
+from uniner.config import BuildDataConfig
+from uniner.errors import UserError
+
+ACK = {"from": "gpt", "value": "I've read this text."}
+
+
+def _annotations(tmp_path, rows):
+    entity = pa.struct([("text", pa.string()), ("type", pa.string())])
+    schema = pa.schema([("passage_id", pa.string()), ("text", pa.string()), ("entities", pa.list_(entity)), ("status", pa.string())])
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-0.parquet")
+    return folder
+
+
+def _build(tmp_path, *, input, **settings):
+    """Build from one input; returns the records and that input's report."""
+    config = BuildDataConfig(input=[str(input)], output=str(tmp_path / "out"), **settings)
+    config.check()
+    summary = run(config)
+    return json.loads((tmp_path / "out" / "conversations.json").read_text()), summary["inputs"][0]
+
+
+def _qa(record):
+    turns = record["conversations"]
+    return [(turns[i]["value"], turns[i + 1]["value"]) for i in range(2, len(turns), 2)]
+
+
+def test_exact_conversation_from_annotations(tmp_path):
+    rows = [
+        {"passage_id": "p1", "text": "Ada Lovelace met Charles Babbage in London.", "status": "ok",
+         "entities": [{"text": "London", "type": "city"}, {"text": "Charles Babbage", "type": "person"},
+                      {"text": "Ada Lovelace", "type": "person"}, {"text": "Ada Lovelace", "type": "person"}]},
+        {"passage_id": "p2", "text": "The Analytical Engine.", "status": "ok",
+         "entities": [{"text": "Analytical Engine", "type": "machine"}]},
+    ]
+    records, summary = _build(tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=1)
+    # p1 lacks only `machine`, so its one negative is forced.
+    assert records[0] == {
+        "id": "p1",
+        "conversations": [
+            {"from": "human", "value": "Text: Ada Lovelace met Charles Babbage in London."},
+            ACK,
+            {"from": "human", "value": "What describes person in the text?"},
+            {"from": "gpt", "value": '["Ada Lovelace", "Charles Babbage"]'},
+            {"from": "human", "value": "What describes city in the text?"},
+            {"from": "gpt", "value": '["London"]'},
+            {"from": "human", "value": "What describes machine in the text?"},
+            {"from": "gpt", "value": "[]"},
+        ],
+    }
+    assert _qa(records[1])[0] == ("What describes machine in the text?", '["Analytical Engine"]')
+    assert _qa(records[1])[1][1] == "[]" and len(_qa(records[1])) == 2
+    assert summary["statistics"]["passages"] == 2 and summary["statistics"]["entities"] == 4
+    assert summary["statistics"]["types"] == 3 and summary["statistics"]["negative_questions"] == 2
+
+
+def test_bad_annotations_are_counted_not_silently_lost(tmp_path):
+    rows = [
+        {"passage_id": "ok", "text": "Paris is big.", "status": "ok",
+         "entities": [{"text": "Paris", "type": "city"}, {"text": "Rome", "type": "city"}, {"text": " ", "type": "city"}]},
+        {"passage_id": "bad", "text": "x", "status": "malformed", "entities": []},
+        {"passage_id": "err", "text": "y", "status": "error", "entities": None},
+        {"passage_id": "empty", "text": "z", "status": "ok", "entities": []},
+    ]
+    records, summary = _build(tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=0)
+    assert [r["id"] for r in records] == ["ok"] and _qa(records[0]) == [("What describes city in the text?", '["Paris"]')]
+    assert summary["counts"] == {
+        "entities dropped: not in the passage": 1,
+        "entities dropped: empty text or type": 1,
+        "passages skipped: status malformed": 1,
+        "passages skipped: status error": 1,
+        "passages skipped: no entities": 1,
+    }
+
+
+def test_negatives_follow_type_frequency():
+    sampler = NegativeSampler(Counter({"a": 600, "b": 300, "c": 100}), seed=7)
+    draws = Counter(t for i in range(20000) for t in sampler.sample(f"p{i}", exclude=set(), k=1))
+    assert abs(draws["a"] / 20000 - 0.6) < 0.015 and abs(draws["b"] / 20000 - 0.3) < 0.015
+    # Excluding the passage's own types renormalizes over the rest: b:c = 3:1.
+    draws = Counter(t for i in range(8000) for t in sampler.sample(f"q{i}", exclude={"a"}, k=1))
+    assert set(draws) == {"b", "c"} and abs(draws["b"] / 8000 - 0.75) < 0.02
+    # Without replacement, and never more than there are types left.
+    assert sorted(sampler.sample("r", exclude={"a"}, k=5)) == ["b", "c"]
+    assert sampler.sample("r", exclude={"a"}, k=2) == sampler.sample("r", exclude={"a"}, k=2)
+
+
+def test_type_variants_merge_into_the_most_frequent_form():
+    merges = type_variant_merges(Counter({"person": 10, "Person": 3, "persons": 1, "company": 5, "companies": 2, "class": 4}))
+    assert merges == {"Person": "person", "persons": "person", "companies": "company"}
+    stats = type_statistics(Counter({"person": 10, "city": 5, "x": 1}))
+    assert stats["entities"] == 16 and stats["types_seen_once"] == 1
+    assert stats["top_1pct_types_mention_share"] == round(10 / 16, 4)
+
+
+def test_merged_variants_are_reported(tmp_path):
+    rows = [{"passage_id": "p", "text": "Ada and Bob.", "status": "ok",
+             "entities": [{"text": "Ada", "type": "person"}, {"text": "Bob", "type": "Persons"}]}]
+    records, summary = _build(tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=0,
+                              merge_type_variants=True)
+    assert _qa(records[0]) == [("What describes person in the text?", '["Ada", "Bob"]')]
+    assert summary["statistics"]["type_merges"] == {"Persons": "person"}
+
+
+def test_pile_ner_sample_round_trips_unchanged(tmp_path, shared_data):
+    source = shared_data / "pile-ner-sample" / "pile_ner_type_sample.json"
+    records, summary = _build(tmp_path, input=str(source))
+    assert records == json.loads(source.read_text())
+    assert summary["statistics"]["passages"] == 882 and not summary["counts"]
+
+
+def test_several_inputs_are_concatenated(tmp_path, shared_data):
+    source = shared_data / "pile-ner-sample" / "pile_ner_type_sample.json"
+    bio_file = tmp_path / "x.txt"
+    bio_file.write_text("Ada\tB-person\n")
+    config = BuildDataConfig(input=[str(source), str(bio_file)], output=str(tmp_path / "out"), dataset_name="mine")
+    summary = run(config)
+    records = json.loads((tmp_path / "out" / "conversations.json").read_text())
+    assert records[:-1] == json.loads(source.read_text())
+    assert records[-1]["conversations"][0]["value"] == "Dataset: mine\nText: Ada" and records[-1]["dataset"] == "mine"
+    assert [r["input_kind"] for r in summary["inputs"]] == ["conversations", "bio"] and summary["files"] == {"conversations.json": 883}
+
+
+def test_conversation_files_are_validated(tmp_path):
+    good = {"id": "a", "conversations": [{"from": "human", "value": "Text: Paris."}, ACK,
+                                         {"from": "human", "value": "What describes city in the text?"},
+                                         {"from": "gpt", "value": '["Paris"]'}]}
+    unanswered = {"id": "b", "conversations": good["conversations"][:3]}
+    source = tmp_path / "train.json"
+    source.write_text(json.dumps([good, unanswered]))
+    records, summary = _build(tmp_path, input=str(source))
+    assert records == [good]
+    assert summary["counts"] == {"repairs: unanswered last question dropped": 1,
+                                 "records skipped: no question with an answer": 1}
+    bad_answer = {"id": "c", "conversations": good["conversations"][:3] + [{"from": "gpt", "value": "Paris"}]}
+    source.write_text(json.dumps([good, bad_answer]))
+    with pytest.raises(UserError, match=r"record 1 \(id c\): answer in turn 3 is not a JSON list"):
+        _build(tmp_path, input=str(source), overwrite=True)
+
+
+def test_crossner_sentence_to_conversation(tmp_path, shared_data):
+    data = bio.read_bio(str(shared_data / "crossner" / "ai" / "dev.txt"))
+    first = data.sentences[0]
+    assert first.text.startswith("Here , accuracy is measured by error rate")
+    assert [(e.text, e.type) for e in first.entities][:2] == [("accuracy", "metrics"), ("error rate", "metrics")]
+    assert all(s.text[e.start:e.end] == e.text for s in data.sentences for e in s.entities)
+    assert "program language" in data.types and "organization" in data.types and "misc" not in data.types
+
+    records, summary = _build(tmp_path, input=str(shared_data / "crossner" / "ai" / "dev.txt"), dataset_name="CrossNER_AI")
+    assert records[0]["dataset"] == "CrossNER_AI"
+    assert records[0]["conversations"][0]["value"] == "Dataset: CrossNER_AI\nText: " + first.text
+    answers = dict(_qa(records[0]))
+    assert json.loads(answers["What describes metrics in the text?"])[:2] == ["accuracy", "error rate"]
+    assert len(answers) == len(data.types) and summary["counts"]["sentences: ai-dev"] == len(data.sentences)
+
+
+def test_mit_files_read_tag_first_with_their_type_names(tmp_path, shared_data):
+    movie = bio.read_bio(str(shared_data / "mit" / "movie" / "train.bio"))  # the tag-first order is detected
+    assert movie.sentences[0].text == "what movies star bruce willis"
+    assert [(e.text, e.type) for e in movie.sentences[0].entities] == [("bruce willis", "actor")]
+    assert "average ratings" in movie.types and "ratings_average" not in movie.types
+    restaurant = bio.read_bio(str(shared_data / "mit" / "restaurant" / "train.bio"), column_order="tag-token")
+    assert "Restaurant Name" in restaurant.types and "Rating" in restaurant.types
+    with pytest.raises(UserError, match="columns may be swapped"):
+        bio.read_bio(str(shared_data / "mit" / "movie" / "train.bio"), column_order="token-tag")
+
+
+def test_eval_queries_one_per_sentence_and_type(tmp_path):
+    source = tmp_path / "music" / "dev.txt"
+    source.parent.mkdir()
+    source.write_text("Queen\tB-band\nplayed\tO\nrock\tB-musicgenre\n\nHello\tO\n")
+    config = BuildDataConfig(input=[str(source)], output=str(tmp_path / "out"), eval_queries=True)
+    run(config)
+    queries = json.loads((tmp_path / "out" / "music-dev.json").read_text())
+    assert [(q["id"], _qa(q)) for q in queries] == [
+        ("music-dev-0-0", [("What describes band in the text?", '["Queen"]')]),
+        ("music-dev-0-1", [("What describes music genre in the text?", '["rock"]')]),
+        ("music-dev-1-0", [("What describes band in the text?", "[]")]),
+        ("music-dev-1-1", [("What describes music genre in the text?", "[]")]),
+    ]
+
+
+def test_bio_repairs_and_errors_name_file_and_line(tmp_path):
+    source = tmp_path / "x.txt"
+    source.write_text("New\tB-location\nYork\tI-location\nGoogle\tI-organisation\n")
+    data = bio.read_bio(str(source))
+    assert [(e.text, e.type) for e in data.sentences[0].entities] == [("New York", "location"), ("Google", "organization")]
+    assert data.repairs == Counter({"I- tag starting an entity (read as B-)": 1})
+    source.write_text("a\tO\nb\tO\textra\n")
+    with pytest.raises(UserError, match=r"^x.txt:2: expected 2 tab-separated columns"):
+        bio.read_bio(str(source))
+    source.write_text("a\tQ-x\n")
+    with pytest.raises(UserError, match=r"^x.txt:1: tag 'Q-x'"):
+        bio.read_bio(str(source))
+    source.write_text("\n\n")
+    with pytest.raises(UserError, match="holds no sentences"):
+        bio.read_bio(str(source))
+
+
+def test_label_map_file_overrides_builtin_names(tmp_path):
+    source, mapping = tmp_path / "x.txt", tmp_path / "map.yaml"
+    source.write_text("Ada\tB-PER\nParis\tB-LOC\nfoo\tB-misc\n")
+    mapping.write_text("PER: person\nLOC: null\n")
+    data = bio.read_bio(str(source), label_map=bio.read_label_map(str(mapping)))
+    assert [(e.text, e.type) for e in data.sentences[0].entities] == [("Ada", "person")] and data.types == ["person"]
+
+
+def test_cli_builds_from_s3_and_reports(tmp_path, s3_endpoint, s3_bucket):
+    import boto3
+
+    rows = [{"passage_id": "p", "text": "Ada met Bob.", "status": "ok",
+             "entities": [{"text": "Ada", "type": "person"}, {"text": "Bob", "type": "person"}]}]
+    local = _annotations(tmp_path, rows)
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(local / "part-0.parquet"), s3_bucket[5:], "ann/part-0.parquet")
+    result = run_cli("build-data", "--input", f"{s3_bucket}/ann", "--output", f"{s3_bucket}/conv",
+                     "--s3-endpoint-url", s3_endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "1 records" in result.stdout and "person (2)" in result.stdout
+    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=s3_bucket[5:], Key="conv/conversations.json")
+    assert json.loads(body["Body"].read())[0]["id"] == "p"
+    bad = run_cli("build-data", "--input", str(tmp_path / "none.json"), "--output", str(tmp_path / "o"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

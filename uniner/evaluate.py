@@ -1,0 +1,390 @@
+"""`uniner evaluate`: the official UniNER scores per dataset, with our span and lenient scores beside them.
+
+The official protocol (universal-ner `src/eval`, DESIGN.md section 3): one query per (text, type); the output is
+cut to what follows its last `ASSISTANT:` and stripped; a JSON list is read only from the start of it, on one line,
+up to the first `]`; every string is normalized (lower case, punctuation and the articles a/an/the removed,
+whitespace collapsed) and deduplicated; any failure reads as []. Micro precision/recall/F1 per dataset, with the
+official script's 1e-10 terms; the headline is the plain mean of the per-dataset F1s.
+
+Ours, named as ours: `lenient` reads the list anywhere in the answer (uniner.formats.parse_answer_lenient);
+`span` is strict character-span F1 where the data has offsets (BIO files), each predicted string standing for
+every whole-token occurrence of it in the sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import string
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from uniner import bio, storage
+from uniner.build_data import check_conversation, dataset_name_of, eval_queries
+from uniner.config import EvaluateConfig
+from uniner.errors import UserError
+from uniner.formats import OFFICIAL_LIST, Template, answer_text, parse_answer_lenient
+
+log = logging.getLogger("uniner.evaluate")
+
+# Zero-shot strict F1 (%) from the UniversalNER paper (Zhou et al., 2023, Table 1), by domain.
+REFERENCE_F1 = {
+    "ChatGPT (paper)": {"movie": 5.3, "restaurant": 32.8, "ai": 52.4, "literature": 39.8, "music": 66.6, "politics": 68.5, "science": 67.0},
+    "UniNER-7B (paper)": {"movie": 42.4, "restaurant": 31.7, "ai": 53.5, "literature": 59.4, "music": 65.0, "politics": 60.8, "science": 61.1},
+}
+_QUESTION = re.compile(r"^What describes (.*) in the text\?$", re.DOTALL)
+_TEXT = re.compile(r"^(?:Dataset: [^\n]*\n)?Text: (.*)$", re.DOTALL)
+
+
+# ---------------------------------------------------------------- the official protocol
+
+
+def normalize(text: str) -> str:
+    """Lower case, punctuation removed, articles a/an/the removed, whitespace collapsed (the SQuAD rule)."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def official_items(text: str) -> list:
+    """The official parser: the normalized, deduplicated items of the JSON list at the start of `text`.
+
+    Any failure, including an item that is not a string (or a list of strings), reads as [], as in the official
+    script, which wraps the whole parse in one `except Exception`.
+    """
+    try:
+        match = OFFICIAL_LIST.match(text)
+        items = json.loads(match.group() if match else "[]")
+        found: list = []
+        for item in items:
+            item = tuple(normalize(e) for e in item) if isinstance(item, (list, tuple)) else normalize(item)
+            if item not in found:
+                found.append(item)
+        return found
+    except Exception:  # noqa: BLE001 - the protocol counts every failure as an empty answer
+        return []
+
+
+def prf(correct: int, predicted: int, gold: int) -> dict[str, float]:
+    """Micro precision, recall and F1 with the official script's 1e-10 terms."""
+    precision = correct / (predicted + 1e-10)
+    recall = correct / (gold + 1e-10)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / (precision + recall + 1e-10)}
+
+
+@dataclass
+class Counts:
+    correct: int = 0
+    predicted: int = 0
+    gold: int = 0
+
+    def add(self, predicted: list, gold: list) -> None:
+        self.correct += sum(1 for item in predicted if item in gold)
+        self.predicted += len(predicted)
+        self.gold += len(gold)
+
+    def scores(self) -> dict[str, Any]:
+        return {**prf(self.correct, self.predicted, self.gold), "tp": self.correct,
+                "fp": self.predicted - self.correct, "fn": self.gold - self.correct}
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class Query:
+    dataset: str
+    id: str
+    prompt_turns: list[tuple[str, str]]  # the conversation without its gold answer
+    entity_type: str
+    text: str
+    gold: str  # the raw gold answer, a JSON list
+    gold_spans: set[tuple[int, int]] | None = None  # character spans, where the data has them
+
+
+def _sampled(keys: list[str], n: int, seed: int) -> set[str]:
+    """A fixed sample of n keys: the smallest seeded hashes, so it never depends on file order."""
+    rank = sorted(keys, key=lambda k: hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest())
+    return set(rank[:n]) if n else set(keys)
+
+
+def _from_conversations(location: storage.Location, name: str, config: EvaluateConfig) -> list[Query]:
+    text = storage.read_text(location)
+    try:
+        records = [json.loads(l) for l in text.splitlines() if l.strip()] if location.path.endswith(".jsonl") else json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{location}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(records, list):
+        raise UserError(f"{location}: expected a JSON list of {{id, conversations}} evaluation records")
+    keep = _sampled([str(r.get("id")) for r in records if isinstance(r, dict)], config.sample_per_dataset, config.seed)
+    queries = []
+    for number, record in enumerate(records):
+        where = f"{location} record {number}"
+        checked = check_conversation(record, where, counts := defaultdict(int))
+        if checked is None or counts:
+            raise UserError(f"{where}: an evaluation record must end with a question and its gold answer")
+        if str(record["id"]) not in keep:
+            continue
+        turns = [(t["from"], t["value"]) for t in record["conversations"]]
+        question = _QUESTION.match(turns[-2][1])
+        if not question:
+            raise UserError(f"{where}: the last question is not `What describes TYPE in the text?`")
+        queries.append(Query(dataset=name, id=str(record["id"]), prompt_turns=turns[:-1], entity_type=question.group(1),
+                             text=_TEXT.match(turns[0][1]).group(1), gold=turns[-1][1]))
+    return queries
+
+
+def _from_bio(location: storage.Location, name: str, config: EvaluateConfig, label_map) -> list[Query]:
+    data = bio.read_bio(str(location), column_order=config.bio_column_order, label_map=label_map,
+                        s3_endpoint_url=config.s3_endpoint_url)
+    keep = _sampled([str(i) for i in range(len(data.sentences))], config.sample_per_dataset, config.seed)
+    queries = []
+    for record in eval_queries(data, name):
+        _, sentence_index, type_index = record["id"].rsplit("-", 2)
+        if sentence_index not in keep:
+            continue
+        sentence, entity_type = data.sentences[int(sentence_index)], data.types[int(type_index)]
+        turns = [(t["from"], t["value"]) for t in record["conversations"]]
+        spans = {(e.start, e.end) for e in sentence.entities if e.type == entity_type}
+        queries.append(Query(dataset=name, id=record["id"], prompt_turns=turns[:-1], entity_type=entity_type,
+                             text=sentence.text, gold=turns[-1][1], gold_spans=spans))
+    return queries
+
+
+def load_queries(config: EvaluateConfig) -> dict[str, list[Query]]:
+    """Queries per dataset, in file order. A dataset is named by its file: the stem of a JSON file, folder and stem
+    of a BIO file (`crossner/ai/dev.txt` -> `ai-dev`)."""
+    label_map = bio.read_label_map(config.label_map, s3_endpoint_url=config.s3_endpoint_url)
+    datasets: dict[str, list[Query]] = {}
+    for uri in config.data:
+        location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
+        if location.path.endswith((".json", ".jsonl")):
+            name = PurePosixPath(location.path).stem
+            queries = _from_conversations(location, name, config)
+        else:
+            name = dataset_name_of(uri)
+            queries = _from_bio(location, name, config, label_map)
+        if name in datasets:
+            raise UserError(f"two evaluation files are both named {name!r}; rename one (datasets are named by file)")
+        datasets[name] = queries
+    return datasets
+
+
+# ---------------------------------------------------------------- answers
+
+
+def read_predictions(config: EvaluateConfig, datasets: dict[str, list[Query]]) -> tuple[dict[tuple[str, str], str], int]:
+    """`{"id", "output"}` per line (plus `"dataset"` where ids repeat across datasets) -> output by (dataset, id)."""
+    location = storage.locate(config.predictions, s3_endpoint_url=config.s3_endpoint_url)
+    owners = defaultdict(list)
+    for name, queries in datasets.items():
+        for query in queries:
+            owners[query.id].append(name)
+    outputs, unknown = {}, 0
+    for number, line in enumerate(storage.read_text(location).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            query_id, output = str(row["id"]), row["output"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{config.predictions}:{number}: expected {{\"id\": ..., \"output\": \"...\"}}") from None
+        names = [row["dataset"]] if "dataset" in row else owners.get(query_id, [])
+        if len(names) > 1:
+            raise UserError(f"{config.predictions}:{number}: id {query_id!r} is in several datasets "
+                            f"({', '.join(names)}); add a \"dataset\" field to each prediction")
+        if not names or query_id not in {q.id for q in datasets.get(names[0], [])}:
+            unknown += 1
+            continue
+        outputs[(names[0], query_id)] = output if isinstance(output, str) else json.dumps(output)
+    return outputs, unknown
+
+
+def generate(config: EvaluateConfig, datasets: dict[str, list[Query]]) -> dict[tuple[str, str], str]:
+    """Run the model over every query through the extraction engine; the prompt is the conversation up to the
+    final `ASSISTANT:`, with the model's own EOS string as the template's separator."""
+    from uniner.extract import answer_prompts
+    from uniner.models import load_tokenizer, resolve_model
+
+    model_dir = resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url)
+    template = Template(eos=load_tokenizer(model_dir).eos_token)
+    queries = [q for qs in datasets.values() for q in qs]
+    prompts = [template.render(q.prompt_turns) for q in queries]
+    outputs = answer_prompts(prompts, model=model_dir, backend=config.backend, max_new_tokens=config.max_new_tokens,
+                             batch_size=config.batch_size, replicas=config.replicas,
+                             gpus_per_replica=config.gpus_per_replica)
+    return {(q.dataset, q.id): output for q, output in zip(queries, outputs)}
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _token_occurrences(text: str, entity: str) -> set[tuple[int, int]]:
+    """Spans of `entity` in a space-joined sentence that start and end at token boundaries."""
+    spans, start = set(), text.find(entity)
+    while entity and start >= 0:
+        end = start + len(entity)
+        if (start == 0 or text[start - 1] == " ") and (end == len(text) or text[end] == " "):
+            spans.add((start, end))
+        start = text.find(entity, start + 1)
+    return spans
+
+
+def score_dataset(queries: list[Query], outputs: dict[tuple[str, str], str]) -> dict[str, Any]:
+    official, lenient, span = Counts(), Counts(), Counts()
+    per_type: dict[str, Counts] = defaultdict(Counts)
+    has_spans = bool(queries) and all(q.gold_spans is not None for q in queries)
+    missing = 0
+    for query in queries:
+        output = outputs.get((query.dataset, query.id))
+        if output is None:
+            missing += 1
+            output = ""
+        gold = official_items(query.gold)
+        predicted = official_items(answer_text(output))
+        official.add(predicted, gold)
+        per_type[query.entity_type].add(predicted, gold)
+        lenient.add(list(dict.fromkeys(normalize(s) for s in parse_answer_lenient(output))), gold)
+        if has_spans:
+            spans = set().union(*(_token_occurrences(query.text, s) for s in parse_answer_lenient(output)))
+            span.add(list(spans), list(query.gold_spans))
+    return {
+        **official.scores(),
+        "n_queries": len(queries),
+        "support": official.gold,
+        "missing_predictions": missing,
+        "per_type": {t: {**c.scores(), "support": c.gold} for t, c in sorted(per_type.items())},
+        "ours_lenient_parser": lenient.scores(),
+        "ours_span": span.scores() if has_spans else None,
+    }
+
+
+def reference_domain(dataset: str) -> str | None:
+    """The paper's domain a dataset name refers to (`CrossNER_AI`, `ai-dev` -> ai; `mit-movie` -> movie)."""
+    words = set(re.split(r"[^a-z0-9]+", dataset.lower()))
+    return next((d for d in REFERENCE_F1["UniNER-7B (paper)"] if d in words), None)
+
+
+# ---------------------------------------------------------------- reports
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: {report['subject']}", "",
+             "Official UniNER protocol (strict F1 of normalized strings); `lenient` and `span` are ours.", "",
+             "| dataset | queries | precision | recall | F1 | lenient F1 (ours) | span F1 (ours) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, scores in report["datasets"].items():
+        span = scores["ours_span"]
+        lines.append(f"| {name} | {scores['n_queries']} | {scores['precision']:.1%} | {scores['recall']:.1%} | "
+                     f"{scores['f1']:.1%} | {scores['ours_lenient_parser']['f1']:.1%} | "
+                     + (f"{span['f1']:.1%} |" if span else "- |"))
+    lines += [f"| **average** | | | | **{report['average_f1']:.1%}** | | |", ""]
+    references = _reference_rows(report)
+    if references:
+        lines += ["Reference rows (zero-shot, the UniversalNER paper, Table 1; other models and test sets):", "",
+                  "| model | " + " | ".join(references["datasets"]) + " |",
+                  "| --- |" + " ---: |" * len(references["datasets"])]
+        for model, values in references["rows"].items():
+            lines.append(f"| {model} | " + " | ".join(f"{v:.1f}%" for v in values) + " |")
+        lines.append("")
+    missing = sum(s["missing_predictions"] for s in report["datasets"].values())
+    if missing or report.get("unknown_predictions"):
+        lines.append(f"{missing} queries had no prediction (scored as []); "
+                     f"{report.get('unknown_predictions', 0)} predictions matched no query.")
+    return "\n".join(lines) + "\n"
+
+
+def _reference_rows(report: dict[str, Any]) -> dict[str, Any]:
+    names = [n for n in report["datasets"] if reference_domain(n)]
+    if not names:
+        return {}
+    return {"datasets": names,
+            "rows": {m: [REFERENCE_F1[m][reference_domain(n)] for n in names] for m in REFERENCE_F1}}
+
+
+def report_chart(report: dict[str, Any], path: str) -> None:
+    """Bars of F1 per dataset (and the average), with the paper's rows beside ours where the domain matches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["datasets"]) + ["average"]
+    series = {report["subject"]: [100 * report["datasets"][n]["f1"] for n in names[:-1]] + [100 * report["average_f1"]]}
+    for model, values in REFERENCE_F1.items():
+        series[model] = [values.get(reference_domain(n) or "", float("nan")) for n in names[:-1]] + [float("nan")]
+    width = 0.8 / len(series)
+    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    for index, (label, values) in enumerate(series.items()):
+        axes.bar([i + index * width for i in range(len(names))], values, width=width, label=label)
+    axes.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    axes.set_ylabel("F1 (%), official protocol")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def plan(config: EvaluateConfig) -> list[str]:
+    datasets = load_queries(config)
+    lines = [f"{name}: {len(queries)} queries" for name, queries in datasets.items()]
+    source = f"run {config.model} ({config.backend} backend)" if config.model else f"score {config.predictions}"
+    return lines + [source, f"write report.json, report.md and report.png to {config.output}"]
+
+
+def run(config: EvaluateConfig) -> dict[str, Any]:
+    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    storage.prepare_output(output, overwrite=config.overwrite)
+    datasets = load_queries(config)
+    started = time.time()
+    unknown = 0
+    if config.model:
+        outputs = generate(config, datasets)
+        lines = [json.dumps({"dataset": d, "id": i, "output": o}, ensure_ascii=False) for (d, i), o in outputs.items()]
+        storage.write_text(output.join("predictions.jsonl"), "\n".join(lines) + "\n")
+    else:
+        outputs, unknown = read_predictions(config, datasets)
+    scores = {name: score_dataset(queries, outputs) for name, queries in datasets.items()}
+    report = {
+        "subject": config.model or PurePosixPath(config.predictions).name,
+        "protocol": "UniNER official: answer after the last ASSISTANT:, JSON list at its start, SQuAD normalization, "
+                    "deduplicated, micro P/R/F1 per dataset, plain mean of F1 over datasets",
+        "datasets": scores,
+        "average_f1": sum(s["f1"] for s in scores.values()) / len(scores) if scores else 0.0,
+        "unknown_predictions": unknown,
+        "seconds": round(time.time() - started, 1),
+    }
+    storage.write_json(output.join("report.json"), report)
+    storage.write_text(output.join("report.md"), report_markdown(report))
+    if output.is_s3:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            report_chart(report, f"{folder}/report.png")
+            storage.upload_tree(folder, output)
+    else:
+        report_chart(report, output.join("report.png").path)
+    summary = {"output": str(output), "average_f1": report["average_f1"],
+               "datasets": {n: {k: s[k] for k in ("precision", "recall", "f1", "n_queries", "missing_predictions")}
+                            for n, s in scores.items()},
+               "unknown_predictions": unknown}
+    storage.write_json(output.join("_summary.json"), summary)
+    return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"{name}: F1 {s['f1']:.1%} (P {s['precision']:.1%}, R {s['recall']:.1%}) over {s['n_queries']} queries"
+             + (f"; {s['missing_predictions']} without a prediction" if s["missing_predictions"] else "")
+             for name, s in summary["datasets"].items()]
+    lines.append(f"average F1 {summary['average_f1']:.1%} (official protocol)")
+    if summary["unknown_predictions"]:
+        lines.append(f"{summary['unknown_predictions']} predictions matched no query")
+    return lines + [f"report: {summary['output']}/report.md, report.json, report.png"]
