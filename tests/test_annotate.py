@@ -163,6 +163,10 @@ class FaultServer:
                     server.keys.add(self.headers.get("Authorization", ""))
                 time.sleep(server.latency_s)
                 status, content, finish, headers = server.behave(passage, nth)
+                if status == -1:  # the connection drops without an answer
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if status == 0:
                     time.sleep(3)  # past the client's timeout
                     status, content, finish = 200, '[("late", "answer")]', "stop"
@@ -198,6 +202,8 @@ class FaultServer:
             return 429, "slow down", "", {"Retry-After": "1"}
         if passage.startswith("FLAKY") and nth == 1:
             return 500, "internal error", "", {}
+        if passage.startswith("DROPPED") and nth == 1:
+            return -1, "", "", {}
         if passage.startswith("SLOW") and nth == 1:
             return 0, "", "", {}
         if passage.startswith("BROKEN"):
@@ -249,7 +255,7 @@ def fault_config(server, passages, output, tmp_path, **overrides):
 def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_session):
     texts = ["RATELIMITED Alice went home.", "FLAKY Bob went out.", "SLOW Carol sat down.", "BROKEN Dan stood up.",
              "REFUSE Eve left.", "GARBLED Fay came.", "CUTOFF Gus ran off to Paris.", "LEAKY Hal sang.",
-             "Ivy waved.", "Jon nodded."]
+             "Ivy waved.", "Jon nodded.", "DROPPED Kay hummed."]
     server = FaultServer()
     passages = write_passages(tmp_path / "passages", texts)
     config = fault_config(server, passages, tmp_path / "out", tmp_path)
@@ -260,10 +266,11 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     assert sorted(table["passage_id"].to_pylist()) == [f"p{i:04d}" for i in range(len(texts))]
     status = {text.split()[0]: rows[text]["status"] for text in texts}
     assert status == {"RATELIMITED": "ok", "FLAKY": "ok", "SLOW": "ok", "BROKEN": "error", "REFUSE": "refused",
-                      "GARBLED": "malformed", "CUTOFF": "ok", "LEAKY": "error", "Ivy": "ok", "Jon": "ok"}
+                      "GARBLED": "malformed", "CUTOFF": "ok", "LEAKY": "error", "Ivy": "ok", "Jon": "ok",
+                      "DROPPED": "ok"}
     counts = {text.split()[0]: server.count(text) for text in texts}
     assert counts == {"RATELIMITED": 2, "FLAKY": 2, "SLOW": 2, "BROKEN": 3, "REFUSE": 1, "GARBLED": 1, "CUTOFF": 1,
-                      "LEAKY": 1, "Ivy": 1, "Jon": 1}
+                      "LEAKY": 1, "Ivy": 1, "Jon": 1, "DROPPED": 2}
     limited = server.requests["RATELIMITED Alice went home."]
     assert limited[1] - limited[0] >= 1.0  # Retry-After: 1 was honoured
     assert rows["Ivy waved."]["entities"] == [{"text": "Ivy", "type": "word", "in_passage": True},
@@ -275,10 +282,10 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     assert SECRET not in rows["LEAKY Hal sang."]["error"] and "***" in rows["LEAKY Hal sang."]["error"]
     assert server.keys == {f"Bearer {SECRET}"}
 
-    assert summary["passages_stored"] == 10 and summary["status"]["ok"] == 6
-    assert summary["entities"] == 6 * 2 - 1 and summary["entities_not_in_passage"] == 5
+    assert summary["passages_stored"] == 11 and summary["status"]["ok"] == 7
+    assert summary["entities"] == 7 * 2 - 1 and summary["entities_not_in_passage"] == 6
     assert summary["this_run"]["requests"] == sum(counts.values()) and summary["this_run"]["answered_from_cache"] == 0
-    assert summary["tokens"]["output"] == 8 * 12 and summary["cost_estimate_usd"] > 0
+    assert summary["tokens"]["output"] == 9 * 12 and summary["cost_estimate_usd"] > 0
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert written["distinct_types"] == summary["distinct_types"] == 3  # word, island, signal
 
@@ -286,7 +293,7 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     before = sum(server.count(t) for t in texts)
     again = run(config)
     assert sum(server.count(t) for t in texts) == before and again["this_run"]["requests"] == 0
-    assert read_output(tmp_path / "out").num_rows == 10
+    assert read_output(tmp_path / "out").num_rows == 11
 
     # The same output with another teacher: one line that names the change and the fix.
     with pytest.raises(UserError, match="holds annotations made with other settings.*'fault-teacher' -> 'other'.*--overwrite"):
@@ -295,7 +302,7 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     # A fresh output with the same settings: answers come from the cache; only the errors are asked again.
     fresh = run(fault_config(server, passages, tmp_path / "out2", tmp_path))
     assert sum(server.count(t) for t in texts) == before + 3 + 1  # BROKEN: 3 attempts, LEAKY: 1
-    assert fresh["this_run"]["answered_from_cache"] == 8 and fresh["this_run"]["cost_estimate_usd"] == 0
+    assert fresh["this_run"]["answered_from_cache"] == 9 and fresh["this_run"]["cost_estimate_usd"] == 0
     for path in [*(tmp_path / "out").rglob("*"), *(tmp_path / "cache").rglob("*")]:
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
