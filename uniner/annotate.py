@@ -11,7 +11,6 @@ OUTPUT/_summary.json (written last: its presence means the stage finished).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
