@@ -201,6 +201,7 @@ class Progress:
         self.statuses: Counter[str] = Counter()
         self.billed_input = self.billed_output = self.requests = self.from_cache = 0
         self.started = self.last_log = time.time()
+        self.logged = 0  # passages counted in the last progress line
 
     def add(self, table: pa.Table) -> None:
         self.statuses.update(table["status"].to_pylist())
@@ -214,7 +215,7 @@ class Progress:
 
     def log(self) -> None:
         self.last_log = time.time()
-        done = sum(self.statuses.values())
+        done = self.logged = sum(self.statuses.values())
         rate = done / max(1e-9, self.last_log - self.started)
         by_status = ", ".join(f"{s} {self.statuses[s]}" for s in STATUSES if self.statuses[s])
         log.info("annotate: %d/%d passages (%s), %.1f/s, %d input + %d output tokens billed, ~$%.4f",
@@ -257,7 +258,8 @@ def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, p
             write_part(output, table)
             written.update(table["passage_id"].to_pylist())
             progress.add(table)
-    progress.log()
+    if progress.logged != sum(progress.statuses.values()):  # the closing line, unless the last part was just logged
+        progress.log()
     ray.kill(limiter)
 
 
