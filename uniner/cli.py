@@ -17,7 +17,12 @@ from uniner.errors import UserError
 log = logging.getLogger("uniner")
 
 # Stage name -> module with `plan(config) -> list[str]`, `run(config) -> dict` and `summary_lines(dict)`.
-STAGE_MODULES = {"passages": "uniner.passages", "build-data": "uniner.build_data", "evaluate": "uniner.evaluate"}
+STAGE_MODULES = {
+    "passages": "uniner.passages",
+    "annotate": "uniner.annotate",
+    "build-data": "uniner.build_data",
+    "evaluate": "uniner.evaluate",
+}
 
 
 def stage_module(name: str):

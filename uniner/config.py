@@ -81,19 +81,30 @@ class AnnotateConfig(StageConfig):
     """`uniner annotate`: passages -> (entity, type) labels from a teacher LLM behind an OpenAI-compatible API."""
 
     input: str = setting("", "Passages from `uniner passages` (directory of Parquet, local or s3://).")
-    output: str = setting("", "Output directory for the annotations (local or s3://).")
-    base_url: str = setting("https://api.openai.com/v1", "Base URL of the OpenAI-compatible endpoint.")
+    output: str = setting("", "Output directory for the annotations (local or s3://); rerunning the same command resumes it.")
+    base_url: str = setting("https://api.openai.com/v1", "Base URL of the OpenAI-compatible endpoint (OpenAI, a vLLM server, others).")
     model: str = setting("gpt-3.5-turbo", "Teacher model name as the endpoint knows it.")
-    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable that holds the API key (the key itself is never logged).")
+    api_key_env: str = setting(
+        "OPENAI_API_KEY",
+        "Environment variable that holds the API key (never logged or stored); when unset, a placeholder key is sent, "
+        "which suits a local server that needs none.",
+    )
     prompt_variant: str = setting("type", "Teacher prompt: type (entity types) or definition (short type definitions).")
-    temperature: float = setting(0.0, "Sampling temperature of the teacher.")
+    temperature: float = setting(0.0, "Sampling temperature of the teacher (0 as in the paper).")
     max_tokens: int = setting(1024, "Bound on the tokens of one teacher answer.")
     concurrency: int = setting(32, "Requests in flight per actor.")
     num_actors: int = setting(2, "Actors sending requests.")
+    batch_size: int = setting(8, "Passages per Ray Data batch (an actor runs several batches at once).")
     requests_per_minute: int = setting(500, "Request rate limit for the whole job, over all actors and nodes.")
-    tokens_per_minute: int = setting(200_000, "Token rate limit for the whole job, over all actors and nodes.")
-    max_retries: int = setting(6, "Retries of one request on 429, 5xx, timeouts and dropped connections.")
+    tokens_per_minute: int = setting(
+        200_000, "Token rate limit for the whole job; each request counts its prompt (chars/4) plus --max-tokens, as OpenAI does."
+    )
+    max_retries: int = setting(6, "Retries of one request on 429, 5xx, timeouts and dropped connections (backoff with jitter, Retry-After honoured).")
     timeout_s: float = setting(60.0, "Timeout of one request in seconds.")
+    cache: str = setting(
+        "", "Response cache folder (local or s3://) keyed by model, prompt, sampling and passage; empty: the user cache "
+        "(UNINER_CACHE_DIR or ~/.cache/uniner)/teacher-responses; off: no cache."
+    )
     price_input_per_mtok: float = setting(0.0, "Price of one million input tokens, for the cost estimate.")
     price_output_per_mtok: float = setting(0.0, "Price of one million output tokens, for the cost estimate.")
 
@@ -102,6 +113,13 @@ class AnnotateConfig(StageConfig):
         _require(self.output, "output", "the directory to write annotations to")
         if self.prompt_variant not in ("type", "definition"):
             raise UserError(f"unknown --prompt-variant {self.prompt_variant!r}: use type or definition")
+        for name in ("max_tokens", "concurrency", "num_actors", "batch_size", "requests_per_minute", "tokens_per_minute"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_retries < 0 or self.timeout_s <= 0 or self.temperature < 0:
+            raise UserError("--max-retries and --temperature cannot be negative, and --timeout-s must be positive")
+        if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
+            raise UserError("--price-input-per-mtok and --price-output-per-mtok cannot be negative")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,472 @@
+"""`uniner annotate`: the answer parser, the filters, faults and resume against a local fault-injecting server,
+the job-wide rate limit, and a happy path against a real vLLM OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector
+import pytest
+
+from uniner import storage
+from uniner.annotate import ANNOTATION_SCHEMA, annotation_row, run, type_statistics
+from uniner.config import AnnotateConfig
+from uniner.errors import UserError
+from uniner.teacher import Answer, RateLimiter
+from uniner.teacher_answers import filter_pairs, parse_pairs
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-test-5ecret-do-not-leak"
+
+
+# ---- the parser ----
+
+@pytest.mark.parametrize(
+    "answer, pairs, problem",
+    [
+        ('[("Barack Obama", "person"), ("Paris", "city")]', [("Barack Obama", "person"), ("Paris", "city")], ""),
+        ('[["Barack Obama", "person"], ["Paris", "city"]]', [("Barack Obama", "person"), ("Paris", "city")], ""),
+        ("[('Paris', 'city'), ('Seine', 'river')]", [("Paris", "city"), ("Seine", "river")], ""),
+        ("""[("O'Brien", 'person'), ('the "Times"', "newspaper")]""", [("O'Brien", "person"), ('the "Times"', "newspaper")], ""),
+        ('```python\n[("Python", "programming language")]\n```', [("Python", "programming language")], ""),
+        ('Sure! Here are the entities:\n[("IBM", "company")]\nLet me know if you need more.', [("IBM", "company")], ""),
+        ('[("IBM", "company")]\n\nNote: [1] refers to the source.', [("IBM", "company")], ""),
+        ('[("Alice", "person"), ("Bob", "person"), ("Lond', [("Alice", "person"), ("Bob", "person")], ""),
+        ('[("Alice", "person"),\n ("Acme Corp", "compa', [("Alice", "person")], ""),
+        ('[{"entity": "NASA", "type": "agency"}]', [("NASA", "agency")], ""),
+        ('[("Tom [the cat]", "character")]', [("Tom [the cat]", "character")], ""),
+        ("[]", [], ""),
+        ('[("a", "b", "c"), ("d",)]', [], "the list holds no (entity, type) pairs"),
+        ("There are no entities in this passage.", [], "no list in the answer"),
+        ("[entity: Paris, type: city]", [], "neither JSON nor a Python literal"),
+        ("", [], "no list in the answer"),
+    ],
+)
+def test_parser_reads_what_teachers_send(answer, pairs, problem):
+    parsed = parse_pairs(answer)
+    assert parsed.pairs == pairs
+    assert (problem in parsed.problem) if problem else parsed.problem == ""
+
+
+def test_parser_marks_a_cut_off_list():
+    assert parse_pairs('[("Alice", "person"), ("Lond').truncated
+    assert not parse_pairs('[("Alice", "person")]').truncated
+
+
+def test_filters_drop_else_types_and_non_english_and_flag_strings_not_in_the_passage():
+    passage = "Alice met Bob in Paris."
+    kept, dropped = filter_pairs(
+        [("Alice", "person"), ("Bob", "NA"), ("Paris", "misc"), ("Москва", "city"), ("Alice", "person"),
+         ("Tokyo", "city"), ("  ", "thing"), ("Café Zoë", "place"), ("Bob", "Other")],
+        passage,
+    )
+    assert kept == [
+        {"text": "Alice", "type": "person", "in_passage": True},
+        {"text": "Tokyo", "type": "city", "in_passage": False},
+        {"text": "Café Zoë", "type": "place", "in_passage": False},
+    ]
+    assert [d["reason"] for d in dropped] == ["else-like type", "else-like type", "non-English entity", "duplicate",
+                                             "empty entity", "else-like type"]
+
+
+@pytest.mark.parametrize(
+    "answer, status",
+    [
+        (Answer(content='[("Alice", "person")]'), "ok"),
+        (Answer(content="[]"), "ok"),
+        (Answer(content="", refusal="I can't help with that."), "refused"),
+        (Answer(content="", finish_reason="content_filter"), "refused"),
+        (Answer(content="I'm sorry, but I cannot assist with that request."), "refused"),
+        (Answer(content="The passage mentions Alice."), "malformed"),
+        (Answer(error="InternalServerError 500: boom (after 7 attempts)"), "error"),
+    ],
+)
+def test_every_answer_gets_a_status(answer, status):
+    row = annotation_row("p1", "Alice sings.", answer, model="m", version="type-x")
+    assert row["status"] == status
+    assert (row["error"] != "") == (status != "ok")
+    pa.Table.from_pylist([row], schema=ANNOTATION_SCHEMA)  # the row fits the contract
+
+
+def test_type_statistics_top_one_percent():
+    types = ["person"] * 50 + ["city"] * 30 + [f"type{i}" for i in range(120)]
+    stats = type_statistics(types)
+    assert stats["distinct_types"] == 122 and stats["top_1pct_types"] == 2
+    assert stats["top_1pct_type_mention_share"] == pytest.approx(80 / 200)
+
+
+def test_rate_limiter_spaces_requests_and_tokens():
+    now = time.time()
+    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=60_000)  # 10 requests/s, 1000 tokens/s
+    slots = [limiter.reserve(10) - now for _ in range(5)]
+    assert slots[0] == pytest.approx(0, abs=0.01) and slots[4] == pytest.approx(0.4, abs=0.02)
+    limiter = RateLimiter(requests_per_minute=600, tokens_per_minute=60_000)
+    slots = [limiter.reserve(500) - now for _ in range(3)]  # tokens bind: 0.5 s per request
+    assert slots[2] == pytest.approx(1.0, abs=0.02)
+
+
+# ---- a teacher that misbehaves on request ----
+
+class FaultServer:
+    """Chat completions on loopback; the passage text picks the behaviour. Counts requests per passage and keeps
+    server-side timestamps."""
+
+    def __init__(self, latency_s: float = 0.0):
+        self.latency_s = latency_s
+        self.requests: dict[str, list[float]] = defaultdict(list)
+        self.keys: set[str] = set()
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def count(self, passage: str) -> int:
+        with self.lock:
+            return len(self.requests[passage])
+
+    def times(self) -> list[float]:
+        with self.lock:
+            return sorted(t for ts in self.requests.values() for t in ts)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                passage = body["messages"][-1]["content"].split("Passage: ", 1)[1]
+                with server.lock:
+                    server.requests[passage].append(time.monotonic())
+                    nth = len(server.requests[passage])
+                    server.keys.add(self.headers.get("Authorization", ""))
+                time.sleep(server.latency_s)
+                status, content, finish, headers = server.behave(passage, nth)
+                if status == -1:  # the connection drops without an answer
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if status == 0:
+                    time.sleep(6)  # past the client's timeout
+                    status, content, finish = 200, '[("late", "answer")]', "stop"
+                if status != 200:
+                    self._send(status, {"error": {"message": content, "type": "fault", "code": status}}, headers)
+                    return
+                message = {"role": "assistant", "content": content, "refusal": None}
+                self._send(200, {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 40 + len(passage) // 4, "completion_tokens": 12, "total_tokens": 52},
+                }, {})
+
+            def _send(self, status, payload, headers):
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        return Handler
+
+    def behave(self, passage: str, nth: int) -> tuple[int, str, str, dict]:
+        """(HTTP status or 0 for "too slow", content, finish_reason, headers) for the nth request of a passage."""
+        name = passage.split()[0]
+        if passage.startswith("RATELIMITED") and nth == 1:
+            return 429, "slow down", "", {"Retry-After": "1"}
+        if passage.startswith("FLAKY") and nth == 1:
+            return 500, "internal error", "", {}
+        if passage.startswith("DROPPED") and nth == 1:
+            return -1, "", "", {}
+        if passage.startswith("SLOW") and nth == 1:
+            return 0, "", "", {}
+        if passage.startswith("BROKEN"):
+            return 503, "unavailable", "", {}
+        if passage.startswith("LEAKY"):
+            return 400, f"bad request from key {SECRET}", "", {}
+        if passage.startswith("UNAUTHORIZED"):
+            return 401, "invalid api key", "", {}
+        if passage.startswith("REFUSE"):
+            return 200, "I'm sorry, but I can't help with that.", "stop", {}
+        if passage.startswith("GARBLED"):
+            return 200, "Entities: the passage talks about things.", "stop", {}
+        if passage.startswith("CUTOFF"):
+            return 200, f'[("{name}", "signal"), ("Paris", "ci', "length", {}
+        return 200, f'Here you go:\n```\n[("{name}", "word"), ("Zanzibar", "island"), ("it", "none")]\n```', "stop", {}
+
+
+def write_passages(folder: Path, texts: list[str]) -> str:
+    """A passages table as `uniner passages` writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"passage_id": f"p{i:04d}", "doc_id": f"d{i}", "text": text, "char_start": 0, "char_end": len(text),
+             "n_tokens": len(text.split()), "source": "test"} for i, text in enumerate(texts)]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+    return str(folder)
+
+
+def read_output(folder) -> pa.Table:
+    return pads.dataset(str(folder), format="parquet", schema=ANNOTATION_SCHEMA).to_table()
+
+
+@pytest.fixture(scope="module")
+def worker_env():
+    """Ray workers (and the CLI's subprocesses) import this checkout's `uniner`; the fault server's key is set."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), previous) if p)
+    os.environ["UNINER_TEST_KEY"] = SECRET
+    yield
+    os.environ.pop("UNINER_TEST_KEY", None)
+    if previous is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = previous
+
+
+def fault_config(server, passages, output, tmp_path, **overrides):
+    values = dict(input=passages, output=str(output), base_url=server.url, model="fault-teacher", api_key_env="UNINER_TEST_KEY",
+                  max_retries=2, timeout_s=3.0, requests_per_minute=6000, num_actors=1, concurrency=8, batch_size=2,
+                  cache=str(tmp_path / "cache"), price_input_per_mtok=1.0, price_output_per_mtok=2.0)
+    values.update(overrides)
+    return AnnotateConfig(**values)
+
+
+def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_session):
+    texts = ["RATELIMITED Alice went home.", "FLAKY Bob went out.", "SLOW Carol sat down.", "BROKEN Dan stood up.",
+             "REFUSE Eve left.", "GARBLED Fay came.", "CUTOFF Gus ran off to Paris.", "LEAKY Hal sang.",
+             "Ivy waved.", "Jon nodded.", "DROPPED Kay hummed."]
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", texts)
+    config = fault_config(server, passages, tmp_path / "out", tmp_path)
+    summary = run(config)
+
+    table = read_output(tmp_path / "out")
+    rows = {row["text"]: row for row in table.to_pylist()}
+    assert sorted(table["passage_id"].to_pylist()) == [f"p{i:04d}" for i in range(len(texts))]
+    status = {text.split()[0]: rows[text]["status"] for text in texts}
+    assert status == {"RATELIMITED": "ok", "FLAKY": "ok", "SLOW": "ok", "BROKEN": "error", "REFUSE": "refused",
+                      "GARBLED": "malformed", "CUTOFF": "ok", "LEAKY": "error", "Ivy": "ok", "Jon": "ok",
+                      "DROPPED": "ok"}
+    counts = {text.split()[0]: server.count(text) for text in texts}
+    assert counts == {"RATELIMITED": 2, "FLAKY": 2, "SLOW": 2, "BROKEN": 3, "REFUSE": 1, "GARBLED": 1, "CUTOFF": 1,
+                      "LEAKY": 1, "Ivy": 1, "Jon": 1, "DROPPED": 2}
+    limited = server.requests["RATELIMITED Alice went home."]
+    assert limited[1] - limited[0] >= 1.0  # Retry-After: 1 was honoured
+    assert rows["Ivy waved."]["entities"] == [{"text": "Ivy", "type": "word", "in_passage": True},
+                                              {"text": "Zanzibar", "type": "island", "in_passage": False}]
+    assert rows["Ivy waved."]["dropped_entities"] == [{"text": "it", "type": "none", "reason": "else-like type"}]
+    assert rows["CUTOFF Gus ran off to Paris."]["entities"] == [{"text": "CUTOFF", "type": "signal", "in_passage": True}]
+    assert "cut off" in rows["CUTOFF Gus ran off to Paris."]["error"]
+    assert "after 3 attempts" in rows["BROKEN Dan stood up."]["error"]
+    assert SECRET not in rows["LEAKY Hal sang."]["error"] and "***" in rows["LEAKY Hal sang."]["error"]
+    assert server.keys == {f"Bearer {SECRET}"}
+
+    assert summary["passages_stored"] == 11 and summary["status"]["ok"] == 7
+    assert summary["entities"] == 7 * 2 - 1 and summary["entities_not_in_passage"] == 6
+    assert summary["this_run"]["requests"] == sum(counts.values()) and summary["this_run"]["answered_from_cache"] == 0
+    assert summary["tokens"]["output"] == 9 * 12 and summary["cost_estimate_usd"] > 0
+    written = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert written["distinct_types"] == summary["distinct_types"] == 3  # word, island, signal
+
+    # The same command again: everything is stored, so not one request is sent.
+    before = sum(server.count(t) for t in texts)
+    again = run(config)
+    assert sum(server.count(t) for t in texts) == before and again["this_run"]["requests"] == 0
+    assert read_output(tmp_path / "out").num_rows == 11
+
+    # The same output with another teacher: one line that names the change and the fix.
+    with pytest.raises(UserError, match="holds annotations made with other settings.*'fault-teacher' -> 'other'.*--overwrite"):
+        run(fault_config(server, passages, tmp_path / "out", tmp_path, model="other"))
+
+    # A fresh output with the same settings: answers come from the cache; only the errors are asked again.
+    fresh = run(fault_config(server, passages, tmp_path / "out2", tmp_path))
+    assert sum(server.count(t) for t in texts) == before + 3 + 1  # BROKEN: 3 attempts, LEAKY: 1
+    assert fresh["this_run"]["answered_from_cache"] == 9 and fresh["this_run"]["cost_estimate_usd"] == 0
+    for path in [*(tmp_path / "out").rglob("*"), *(tmp_path / "cache").rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    server.stop()
+
+
+def test_rate_limit_holds_for_the_whole_job_with_output_and_cache_on_s3(tmp_path, worker_env, ray_session, s3_bucket, s3_endpoint):
+    server = FaultServer()
+    texts = [f"Word{i} is here." for i in range(16)]
+    rpm = 300  # 5 requests per second over two actors
+    config = fault_config(server, write_passages(tmp_path / "passages", texts), f"{s3_bucket}/out", tmp_path,
+                          requests_per_minute=rpm, num_actors=2, cache=f"{s3_bucket}/cache", s3_endpoint_url=s3_endpoint,
+                          timeout_s=30.0)  # no timeouts on a busy machine: every request is counted once
+    summary = run(config)
+    assert summary["status"] == {"ok": 16} and summary["passages_stored"] == 16
+    bucket = storage.locate(s3_bucket, s3_endpoint_url=s3_endpoint)
+    names = [info.path for info in bucket.fs.get_file_info(FileSelector(bucket.path, recursive=True)) if info.is_file]
+    assert sum("/cache/" in n for n in names) == 16 and any(n.endswith("/out/_summary.json") for n in names)
+    assert any("/out/part-" in n for n in names)
+    times = server.times()
+    assert len(times) == 16
+    # Requests leave 60/rpm = 0.2 s apart. Client-side latency can only delay a request after its slot (by up to
+    # `late` s on a busy machine), so a window of w seconds holds at most (w + late) * rpm/60 + 1 of them.
+    late = 0.3
+    for window_s in (1.0, 2.0):
+        busiest = max(sum(1 for t in times if start <= t < start + window_s) for start in times)
+        assert busiest <= (window_s + late) * rpm / 60 + 1, (window_s, busiest, times)
+    assert (times[-1] - times[0]) / 15 >= 60 / rpm - late / 15
+    server.stop()
+
+
+def test_kill_halfway_then_rerun_stores_every_passage_once(tmp_path, worker_env, ray_session):
+    server = FaultServer(latency_s=0.3)
+    texts = [f"Name{i} walked to the market." for i in range(40)]
+    passages = write_passages(tmp_path / "passages", texts)
+    output = tmp_path / "out"
+    args = ["annotate", "--input", passages, "--output", str(output), "--base-url", server.url, "--model", "fault-teacher",
+            "--api-key-env", "UNINER_TEST_KEY", "--num-actors", "1", "--concurrency", "2", "--batch-size", "2",
+            "--requests-per-minute", "600", "--cache", "off"]
+    job = subprocess.Popen([sys.executable, "-m", "uniner", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)  # the job's own process group: the driver and the Ray it started
+    job.wait()
+    time.sleep(2)  # let any request still on the wire finish
+    stored_first = set(read_output(output)["text"].to_pylist())
+    assert 0 < len(stored_first) < len(texts)
+    counts_first = {t: server.count(t) for t in texts}
+
+    printed = job.stdout.read()
+    assert "annotate:" in printed and SECRET not in printed
+
+    # The same command again (in this process, to spare a second Ray start): it resumes.
+    config = fault_config(server, passages, output, tmp_path, num_actors=1, concurrency=2, batch_size=2,
+                          requests_per_minute=600, cache="off", max_retries=6, timeout_s=60.0,
+                          price_input_per_mtok=0.0, price_output_per_mtok=0.0)
+    summary = run(config)
+    table = read_output(output)
+    assert sorted(table["text"].to_pylist()) == sorted(texts) and set(table["status"].to_pylist()) == {"ok"}
+    for text in stored_first:
+        assert server.count(text) == counts_first[text], text  # not asked again
+    assert summary["stored_before_this_run"] == len(stored_first)
+    assert summary["this_run"]["requests"] == len(texts) - len(stored_first)  # no retries: the server never fails
+    server.stop()
+
+
+def test_dry_run_estimates_without_a_request(tmp_path):
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", ["Alice met Bob in Paris. " * 10] * 3)
+    result = run_cli("annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", server.url,
+                     "--price-input-per-mtok", "1000", "--max-tokens", "100", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "annotate 3 of 3 passages" in result.stdout and "estimated input tokens (chars/4 rule)" in result.stdout
+    assert "estimated cost: $0." in result.stdout and server.times() == []
+    assert not (tmp_path / "out").exists()
+    server.stop()
+
+
+def test_a_refused_key_stops_the_job_with_one_line(tmp_path, worker_env, ray_session):
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", ["UNAUTHORIZED Kim is here."])
+    with pytest.raises(UserError) as caught:
+        run(fault_config(server, passages, tmp_path / "out", tmp_path))
+    error = caught.value
+    assert "\n" not in str(error)
+    assert read_output(tmp_path / "out").num_rows == 0  # nothing stored: a rerun with the right key asks again
+    assert "refused the request (AuthenticationError 401" in str(error) and "$UNINER_TEST_KEY" in str(error)
+    assert SECRET not in str(error)
+    server.stop()
+
+
+# ---- a real OpenAI-compatible server: vLLM serving the built-in model ----
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_launch(request, builtin_model_dir, tmp_path_factory):
+    """Starts the vLLM server when this module begins (if its test is selected), so its 1-2 minutes of engine start
+    overlap the fault tests, which mostly wait; `vllm_server` waits for it. Stops only that process group."""
+    if not any(item.name.startswith("test_happy_path_against_vllm") for item in request.session.items):
+        yield None
+        return
+    port = _free_port()
+    log_file = tmp_path_factory.mktemp("vllm") / "server.log"
+    with open(log_file, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(builtin_model_dir),
+             "--served-model-name", "smol-teacher", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
+             "--dtype", "float32", "--enforce-eager"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True,
+        )
+    yield server, port, log_file
+    os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: its engine process goes with it
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.fixture
+def vllm_server(vllm_launch):
+    server, port, log_file = vllm_launch
+    deadline = time.time() + 300
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"the vLLM server exited with {server.returncode}: {log_file.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"the vLLM server did not become healthy in 300 s: {log_file.read_text()[-2000:]}")
+        time.sleep(1)
+
+
+def test_happy_path_against_vllm(tmp_path, vllm_server, worker_env, ray_session, caplog):
+    texts = ["Barack Obama was born in Hawaii and served as president of the United States.",
+             "Apple released the iPhone in San Francisco in 2007.",
+             "Marie Curie won the Nobel Prize in Physics in 1903."]
+    passages = write_passages(tmp_path / "passages", texts)
+    config = AnnotateConfig(input=passages, output=str(tmp_path / "out"), base_url=vllm_server, model="smol-teacher",
+                            api_key_env="UNINER_NO_SUCH_KEY", max_tokens=48, cache="off", num_actors=1,
+                            price_input_per_mtok=0.5, price_output_per_mtok=1.5)
+    with caplog.at_level("INFO", logger="uniner"):
+        summary = run(config)
+    assert "placeholder key" in caplog.text
+    table = read_output(tmp_path / "out")
+    assert sorted(table["text"].to_pylist()) == sorted(texts)
+    assert set(table["status"].to_pylist()) <= {"ok", "malformed", "refused"}
+    assert all(table["input_tokens"].to_pylist()) and all(0 < n <= 48 for n in table["output_tokens"].to_pylist())
+    assert all(raw for raw in table["raw_response"].to_pylist())
+    assert set(table["teacher_model"].to_pylist()) == {"smol-teacher"}
+    assert summary["passages_stored"] == 3 and summary["this_run"]["requests"] == 3
+    assert summary["cost_estimate_usd"] > 0
