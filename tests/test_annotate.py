@@ -23,7 +23,7 @@ from pyarrow.fs import FileSelector
 import pytest
 
 from uniner import storage
-from uniner.annotate import ANNOTATION_SCHEMA, annotation_row, run, type_statistics
+from uniner.annotate import ANNOTATION_SCHEMA, annotation_row, run
 from uniner.config import AnnotateConfig
 from uniner.errors import UserError
 from uniner.teacher import Answer, RateLimiter
@@ -101,13 +101,6 @@ def test_every_answer_gets_a_status(answer, status):
     assert row["status"] == status
     assert (row["error"] != "") == (status != "ok")
     pa.Table.from_pylist([row], schema=ANNOTATION_SCHEMA)  # the row fits the contract
-
-
-def test_type_statistics_top_one_percent():
-    types = ["person"] * 50 + ["city"] * 30 + [f"type{i}" for i in range(120)]
-    stats = type_statistics(types)
-    assert stats["distinct_types"] == 122 and stats["top_1pct_types"] == 2
-    assert stats["top_1pct_type_mention_share"] == pytest.approx(80 / 200)
 
 
 def test_rate_limiter_spaces_requests_and_tokens():
@@ -291,7 +284,7 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     assert summary["this_run"]["requests"] == sum(counts.values()) and summary["this_run"]["answered_from_cache"] == 0
     assert summary["tokens"]["output"] == 9 * 12 and summary["cost_estimate_usd"] > 0
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert written["distinct_types"] == summary["distinct_types"] == 3  # word, island, signal
+    assert written["types"]["types"] == summary["types"]["types"] == 3  # word, island, signal
 
     # The same command again: everything is stored, so not one request is sent.
     before = sum(server.count(t) for t in texts)

@@ -105,7 +105,9 @@ def test_type_variants_merge_into_the_most_frequent_form():
     assert merges == {"Person": "person", "persons": "person", "companies": "company"}
     stats = type_statistics(Counter({"person": 10, "city": 5, "x": 1}))
     assert stats["entities"] == 16 and stats["types_seen_once"] == 1
-    assert stats["top_1pct_types_mention_share"] == round(10 / 16, 4)
+    assert stats["top_1pct_types"] == 1 and stats["top_1pct_types_mention_share"] == round(10 / 16, 4)
+    many = type_statistics(Counter({"person": 50, "city": 30, **{f"type{i}": 1 for i in range(120)}}))
+    assert many["types"] == 122 and many["top_1pct_types"] == 2 and many["top_1pct_types_mention_share"] == 0.4
 
 
 def test_merged_variants_are_reported(tmp_path):

@@ -25,10 +25,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from uniner import storage
+from uniner.build_data import type_statistics
 from uniner.config import AnnotateConfig, to_dict
 from uniner.errors import UserError
 from uniner.teacher import Answer, RateLimiter, ResponseCache, Secret, Teacher, local_cache_uri, prompt_tokens, prompt_version
 from uniner.teacher_answers import filter_pairs, looks_like_refusal, parse_pairs
+
+# `uniner pipeline` keeps a partial output of this stage: rerunning resumes it.
+RESUMES = True
 
 log = logging.getLogger(__name__)
 
@@ -306,19 +310,6 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     return summary
 
 
-def type_statistics(types: list[str]) -> dict[str, Any]:
-    """The paper's figures: distinct types, and the share of mentions that the most frequent 1% of types cover."""
-    counts = Counter(types)
-    top = max(1, math.ceil(len(counts) / 100)) if counts else 0
-    covered = sum(n for _, n in counts.most_common(top))
-    return {
-        "distinct_types": len(counts),
-        "top_1pct_types": top,
-        "top_1pct_type_mention_share": round(covered / len(types), 4) if types else 0.0,
-        "most_frequent_types": dict(counts.most_common(10)),
-    }
-
-
 def summarize(output: storage.Location, config: AnnotateConfig, progress: Progress, *, passages: int, seconds: float) -> dict[str, Any]:
     with storage.storage_errors("read", output):
         table = pads.dataset(output.path, filesystem=output.fs, format="parquet", schema=ANNOTATION_SCHEMA).to_table()
@@ -340,7 +331,7 @@ def summarize(output: storage.Location, config: AnnotateConfig, progress: Progre
         "entities": len(entities),
         "entities_not_in_passage": len(entities) - in_passage,
         "entities_dropped": dict(Counter(pc.struct_field(dropped, "reason").to_pylist())),
-        **type_statistics(pc.struct_field(entities, "type").to_pylist()),
+        "types": type_statistics(Counter(pc.struct_field(entities, "type").to_pylist())),
         "tokens": {"input": stored_input, "output": stored_output},
         "cost_estimate_usd": round(cost(stored_input, stored_output, config), 6),
         "this_run": {
@@ -361,9 +352,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     this_run = summary["this_run"]
     return [
         f"passages stored:   {summary['passages_stored']} of {summary['passages_in_input']} ({statuses})",
-        f"entities:          {summary['entities']} of {summary['distinct_types']} distinct types; "
+        f"entities:          {summary['entities']} of {summary['types']['types']} distinct types; "
         f"{summary['entities_not_in_passage']} not found in their passage (flagged)",
-        f"top 1% of types:   {summary['top_1pct_types']} types cover {summary['top_1pct_type_mention_share']:.1%} of mentions",
+        f"top 1% of types:   {summary['types']['top_1pct_types']} types cover "
+        f"{summary['types']['top_1pct_types_mention_share']:.1%} of mentions",
         f"entities dropped:  {dropped}",
         f"tokens:            {summary['tokens']['input']} input, {summary['tokens']['output']} output; "
         f"cost estimate ${summary['cost_estimate_usd']:.4f}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections import Counter
 from pathlib import PurePosixPath
@@ -113,14 +114,15 @@ def type_statistics(mentions: Counter, *, head: int = 10) -> dict[str, Any]:
     """Paper-style statistics of a type distribution: mentions, types, the head and the tail."""
     ranked = mentions.most_common()
     total = sum(mentions.values())
-    top_share = max(1, round(len(ranked) * 0.01))
+    top = math.ceil(len(ranked) / 100)  # the most frequent 1% of types, at least one
     return {
         "entities": total,
         "types": len(ranked),
         "head": [[t, n] for t, n in ranked[:head]],
         "tail": [[t, n] for t, n in ranked[-head:]] if len(ranked) > head else [],
         "types_seen_once": sum(1 for _, n in ranked if n == 1),
-        "top_1pct_types_mention_share": round(sum(n for _, n in ranked[:top_share]) / total, 4) if total else 0.0,
+        "top_1pct_types": top,
+        "top_1pct_types_mention_share": round(sum(n for _, n in ranked[:top]) / total, 4) if total else 0.0,
     }
 
 
