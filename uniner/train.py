@@ -66,11 +66,9 @@ def read_conversations(config: TrainConfig):
         raise UserError(f"--data must hold only .json, .jsonl or .parquet files of one kind (found {odd}): use the output of `uniner build-data`")
     paths, filesystem = [f.path for f in files], files[0].fs
     with storage.storage_errors("read", config.data):
-        dataset = ray.data.read_parquet(paths, filesystem=filesystem) if kinds == {"parquet"} else ray.data.read_json(paths, filesystem=filesystem)
-        columns = dataset.schema().names
-    if "conversations" not in columns:
-        raise UserError(f"{config.data} has no `conversations` column (columns: {', '.join(columns)}): give Pile-NER train.json-shaped data")
-    return dataset
+        if kinds == {"parquet"}:
+            return ray.data.read_parquet(paths, filesystem=filesystem)
+        return ray.data.read_json(paths, filesystem=filesystem)
 
 
 def tokenize(config: TrainConfig, model_dir: Path):
@@ -313,10 +311,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         for _ in itertools.islice(batches, (state["step"] % per_epoch) * config.grad_accum):
             pass
         while state["step"] < min(total, (epoch + 1) * per_epoch):
+            started = time.perf_counter()  # a step's time includes fetching its batches from the shard
             group = list(itertools.islice(batches, config.grad_accum))
             if not group:
                 raise RuntimeError(f"the data shard of worker {rank} ran out at step {state['step']} (epoch {epoch})")
-            started = time.perf_counter()
             result = train_step(model, optimizer, scheduler, group, device=device, bf16=bf16, max_grad_norm=config.max_grad_norm)
             seconds = time.perf_counter() - started
             state["step"] += 1

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from uniner.errors import UserError
 from uniner.formats import Template
 
 IGNORE_INDEX = -100
@@ -49,6 +50,10 @@ def shuffled_turns(turns: list[tuple[str, str]], rng: random.Random) -> list[tup
     pairs = [rest[i : i + 2] for i in range(0, len(rest), 2)]
     rng.shuffle(pairs)
     return head + [turn for pair in pairs for turn in pair]
+
+
+class TooLong(ValueError):
+    """The text turn and its first answer alone exceed max_length."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class ConversationTokenizer:
             if len(input_ids) + sum(map(len, ids)) > self.max_length:
                 if index == 0:
                     need = len(input_ids) + sum(map(len, ids))
-                    raise ValueError(f"text and first answer take {need} tokens, more than --max-length {self.max_length}")
+                    raise TooLong(f"text and first answer take {need} tokens, more than --max-length {self.max_length}")
                 return Tokenized(input_ids, loss_mask, turns_cut=len(exchanges) - index)
             for (_, is_answer), piece_ids in zip(exchange, ids):
                 input_ids += piece_ids
@@ -113,15 +118,20 @@ class TokenizeConversations:
         self.seed = seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if "conversations" not in table.column_names:
+            columns = ", ".join(table.column_names)
+            raise UserError(f"the data has no `conversations` column (columns: {columns}): give Pile-NER train.json-shaped data")
         ids = table["id"].to_pylist() if "id" in table.column_names else [None] * table.num_rows
         rows = []
-        for index, (conversation_id, conversation) in enumerate(zip(ids, table["conversations"].to_pylist())):
-            conversation_id = str(conversation_id) if conversation_id is not None else f"row-{index}"
+        for conversation_id, conversation in zip(ids, table["conversations"].to_pylist()):
+            if conversation_id is None:  # without an id, the content names the conversation (seeds its shuffle)
+                conversation_id = hashlib.sha1(repr(conversation).encode()).hexdigest()[:20]
+            conversation_id = str(conversation_id)
             try:
                 turns = shuffled_turns(conversation_turns(conversation), conversation_rng(self.seed, conversation_id))
                 tokens = self.tokenize(turns)
             except ValueError as error:
-                reason = "too_long" if "--max-length" in str(error) else "malformed"
+                reason = "too_long" if isinstance(error, TooLong) else "malformed"
                 rows.append({"id": conversation_id, "input_ids": [], "loss_mask": [], "n_tokens": 0, "n_label_tokens": 0,
                              "turns_cut": 0, "reason": reason, "detail": str(error)})
                 continue
