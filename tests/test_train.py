@@ -100,23 +100,31 @@ def test_length_grouped_batches_keep_every_row_and_pad_little():
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory, tiny_model_dir, ray_session):
-    """One run on 2 workers whose last worker dies after step 3; FailureConfig restarts it from the step-2 checkpoint."""
+def killed_and_resumed(tmp_path_factory, tiny_model_dir, ray_session, s3_endpoint):
+    """One run on 2 workers, checkpoints on the local S3 server, whose last worker dies after step 3; FailureConfig
+    restarts the group from the step-2 checkpoint. Yields the summary, a local copy of the output and the marker."""
     import os
+    import uuid
+
+    import boto3
 
     folder = tmp_path_factory.mktemp("train")
     conversations = synthetic_conversations(16)
     conversations.append({"id": "long", "conversations": [{"from": "human", "value": text_turn("word " * 400)}, {"from": "gpt", "value": READ_ACK}]})
     conversations.append({"id": "broken", "conversations": [{"from": "gpt", "value": "[]"}]})
     (folder / "train.json").write_text(json.dumps(conversations))
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     marker = folder / "killed"
-    config = TrainConfig(data=str(folder / "train.json"), output=str(folder / "out"), model=str(tiny_model_dir), num_workers=2,
-                         batch_size=4, max_steps=8, learning_rate=1e-2, warmup_ratio=0.1, max_length=128, checkpoint_every=2)
+    config = TrainConfig(data=str(folder / "train.json"), output=f"s3://{bucket}/student", model=str(tiny_model_dir), num_workers=2,
+                         batch_size=4, max_steps=8, learning_rate=1e-2, warmup_ratio=0.1, max_length=128, checkpoint_every=2,
+                         s3_endpoint_url=s3_endpoint)
     os.environ[train.KILL_ENV] = f"3:{marker}"
     try:
         summary = train.run(config)
     finally:
         del os.environ[train.KILL_ENV]
+    storage.download_tree(storage.locate(config.output, s3_endpoint_url=s3_endpoint), str(folder / "out"))
     return summary, folder / "out", marker
 
 
@@ -137,6 +145,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_and_resumed):
     assert on_disk["resumed_from_steps"] == [2] and on_disk["steps_per_epoch"] == 2
 
 
+def test_checkpoints_are_in_s3_and_older_ones_are_dropped(killed_and_resumed):
+    summary, out, _ = killed_and_resumed
+    assert summary["final_checkpoint"].endswith("student/_ray/train/checkpoint_00000008")
+    checkpoints = sorted(p.name for p in (out / "_ray" / "train").glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_00000006", "checkpoint_00000008"]  # keep_checkpoints: 2
+    assert (out / "_ray" / "train" / "checkpoint_00000008" / train.MODEL_DIR / "model.safetensors").is_file()
+
+
 def test_rejected_conversations_land_in_rejects_with_their_reason(killed_and_resumed):
     summary, out, _ = killed_and_resumed
     rejects = pq.read_table(out / "_rejects").to_pylist()
@@ -148,44 +164,37 @@ def test_output_is_a_plain_hugging_face_folder(killed_and_resumed, tiny_model_di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    summary, out, _ = killed_and_resumed
+    _, out, _ = killed_and_resumed
     model = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    final = AutoModelForCausalLM.from_pretrained(f"{summary['final_checkpoint']}/{train.MODEL_DIR}")
+    final = AutoModelForCausalLM.from_pretrained(out / "_ray" / "train" / "checkpoint_00000008" / train.MODEL_DIR)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, final.state_dict()[name]), name
     assert not torch.equal(model.state_dict()["model.embed_tokens.weight"], initial.state_dict()["model.embed_tokens.weight"])
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.eos_token == AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
+    assert AutoTokenizer.from_pretrained(out).eos_token == AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
 
 
 def test_finished_output_is_not_overwritten_silently(killed_and_resumed):
     from uniner.errors import UserError
 
-    summary, out, _ = killed_and_resumed
-    config = TrainConfig(data=summary["data"], output=str(out), model=summary["model"])
+    summary, _, _ = killed_and_resumed
+    config = TrainConfig(data=summary["data"], output=summary["output"], model=summary["model"],
+                         s3_endpoint_url=summary["config"]["s3_endpoint_url"])
     with pytest.raises(UserError, match="--overwrite"):
         train.run(config)
 
 
-def test_data_and_checkpoints_on_s3(s3_bucket, s3_endpoint, tiny_model_dir, ray_session, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    data = storage.locate(f"{s3_bucket}/conversations/part-0.parquet", s3_endpoint_url=s3_endpoint)
-    table = pa.Table.from_pylist(synthetic_conversations(8))
-    with data.fs.open_output_stream(data.path) as stream:
-        pq.write_table(table, stream)
-    output = f"{s3_bucket}/student"
-    config = TrainConfig(data=f"{s3_bucket}/conversations", output=output, model=str(tiny_model_dir), num_workers=1,
-                         batch_size=4, max_steps=2, max_length=128, checkpoint_every=1, s3_endpoint_url=s3_endpoint)
-    summary = train.run(config)
-    assert summary["steps"] == 2 and summary["final_checkpoint"].startswith(output.removeprefix("s3://"))
-    storage.download_tree(storage.locate(output, s3_endpoint_url=s3_endpoint), str(tmp_path / "student"))
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "student") is not None
-    assert len((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()) == 2
-    checkpoints = sorted(p.name for p in (tmp_path / "student" / "_ray" / "train").glob("checkpoint_*"))
-    assert checkpoints == ["checkpoint_00000001", "checkpoint_00000002"]
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_conversations_are_read(suffix, tmp_path, ray_session):
+    conversations = synthetic_conversations(3)
+    path = tmp_path / f"part-0.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    else:
+        pq.write_table(pa.Table.from_pylist(conversations), path)
+    rows = train.read_conversations(TrainConfig(data=str(tmp_path), output="unused")).take_all()
+    assert [_turns(row) for row in rows] == [_turns(c) for c in conversations]
 
 
 def test_job_files_load_and_hold_the_paper_settings():

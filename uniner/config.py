@@ -174,6 +174,8 @@ class TrainConfig(StageConfig):
             raise UserError(f"unknown --precision {self.precision!r}: use auto, bf16 or fp32")
         if self.max_length < 16:
             raise UserError(f"--max-length {self.max_length} is too small: use at least 16")
+        if self.fsdp and not self.use_gpu:
+            raise UserError("--fsdp needs GPUs (Ray Train's FSDP runs on CUDA): add --use-gpu, or drop --fsdp to train with DDP")
         if self.fsdp and self.lora_rank:
             raise UserError("LoRA with FSDP is not supported: use --no-fsdp (DDP) with --lora-rank, or --lora-rank 0")
 
