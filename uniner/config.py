@@ -146,7 +146,7 @@ class TrainConfig(StageConfig):
     max_length: int = setting(1024, "Longest tokenized conversation; longer ones are cut at a turn boundary.")
     length_window: int = setting(32, "Micro-batches whose conversations are sorted by length together (less padding).")
     precision: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, ~30% more time.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, about a third more time.")
     fsdp: bool = setting(False, "Shard weights, gradients and optimizer state over the workers (FSDP) instead of DDP.")
     lora_rank: int = setting(0, "LoRA rank through peft (pip install 'uniner[lora]'); 0 trains all weights.")
     lora_alpha: int = setting(16, "LoRA scaling alpha.")

@@ -211,9 +211,10 @@ def train_step(model, optimizer, scheduler, group: list[dict], *, device, bf16: 
                 loss = model(**inputs, num_items_in_batch=items, use_cache=False).loss
             loss.backward()
         loss_sum += float(loss.detach())
-    if max_grad_norm > 0:
-        clip = getattr(model, "clip_grad_norm_", None)  # FSDP clips over all shards
-        clip(max_grad_norm) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if max_grad_norm > 0 and hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over all shards
+        model.clip_grad_norm_(max_grad_norm)
+    elif max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     learning_rate = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
