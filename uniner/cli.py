@@ -21,6 +21,7 @@ STAGE_MODULES = {
     "passages": "uniner.passages",
     "annotate": "uniner.annotate",
     "build-data": "uniner.build_data",
+    "train": "uniner.train",
     "evaluate": "uniner.evaluate",
 }
 

@@ -154,26 +154,56 @@ class BuildDataConfig(StageConfig):
 class TrainConfig(StageConfig):
     """`uniner train`: instruction-tune the student on conversations with Ray Train."""
 
-    data: str = setting("", "Conversations from `uniner build-data` (local or s3://).")
-    output: str = setting("", "Checkpoint directory (Hugging Face format; local or s3://).")
+    data: str = setting("", "Conversations (Pile-NER train.json shape): a .json list, .jsonl or Parquet file or folder, local or s3://.")
+    output: str = setting("", "Output folder (local or s3://): the trained model in Hugging Face format, metrics.jsonl, checkpoints.")
     model: str = setting(BUILTIN_MODEL, "Student model spec: built-in name, local folder, s3:// prefix or hub id.")
-    num_workers: int = setting(1, "Ray Train workers.")
+    num_workers: int = setting(1, "Ray Train workers (one process each; one GPU each with --use-gpu).")
     use_gpu: bool = setting(False, "Train on GPUs (one per worker).")
+    cpus_per_worker: int = setting(1, "CPUs reserved for each worker.")
     epochs: float = setting(1.0, "Passes over the data (ignored when max_steps > 0).")
     max_steps: int = setting(0, "Optimizer steps; 0: derived from epochs.")
     batch_size: int = setting(4, "Conversations per worker per micro-batch.")
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step; conversations per step = workers x batch size x this.")
     learning_rate: float = setting(2e-5, "Peak learning rate.")
-    warmup_ratio: float = setting(0.04, "Share of steps with linear warmup before the cosine decay.")
+    lr_schedule: str = setting("cosine", "Decay after warmup: cosine, linear or constant.")
+    warmup_ratio: float = setting(0.04, "Share of steps with linear warmup before the decay.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
     max_length: int = setting(1024, "Longest tokenized conversation; longer ones are cut at a turn boundary.")
+    length_window: int = setting(32, "Micro-batches whose conversations are sorted by length together (less padding).")
     precision: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    lora_rank: int = setting(0, "LoRA rank through peft; 0 trains all weights.")
-    checkpoint_every: int = setting(0, "Save a checkpoint every N steps; 0: only at the end.")
-    seed: int = setting(0, "Seed of data order and turn shuffling.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, about a third more time.")
+    fsdp: bool = setting(False, "Shard weights, gradients and optimizer state over the workers (FSDP) instead of DDP.")
+    lora_rank: int = setting(0, "LoRA rank through peft (pip install 'uniner[lora]'); 0 trains all weights.")
+    lora_alpha: int = setting(16, "LoRA scaling alpha.")
+    lora_dropout: float = setting(0.05, "LoRA dropout.")
+    checkpoint_every: int = setting(0, "Save a checkpoint every N steps (a killed run resumes from the last); 0: only at the end.")
+    keep_checkpoints: int = setting(2, "Checkpoints kept in OUTPUT/_ray; older ones are deleted.")
+    max_failures: int = setting(3, "Restarts of the worker group from the last checkpoint after a worker fails.")
+    seed: int = setting(0, "Seed of initialisation, data order and turn shuffling.")
 
     def check(self) -> None:
         _require(self.data, "data", "the conversations to train on")
-        _require(self.output, "output", "where to write checkpoints")
+        _require(self.output, "output", "where to write the trained model")
+        for name in ("num_workers", "cpus_per_worker", "batch_size", "grad_accum", "length_window", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps < 0 or self.checkpoint_every < 0 or self.max_failures < 0 or self.lora_rank < 0:
+            raise UserError("--max-steps, --checkpoint-every, --max-failures and --lora-rank cannot be negative")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise UserError("--epochs must be positive when --max-steps is 0")
+        if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
+            raise UserError("--learning-rate must be positive and --warmup-ratio in [0, 1)")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"unknown --lr-schedule {self.lr_schedule!r}: use cosine, linear or constant")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"unknown --precision {self.precision!r}: use auto, bf16 or fp32")
+        if self.max_length < 16:
+            raise UserError(f"--max-length {self.max_length} is too small: use at least 16")
+        if self.fsdp and not self.use_gpu:
+            raise UserError("--fsdp needs GPUs (Ray Train's FSDP runs on CUDA): add --use-gpu, or drop --fsdp to train with DDP")
+        if self.fsdp and self.lora_rank:
+            raise UserError("LoRA with FSDP is not supported: use --no-fsdp (DDP) with --lora-rank, or --lora-rank 0")
 
 
 @dataclass(kw_only=True)

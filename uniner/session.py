@@ -27,7 +27,8 @@ def init_ray(*, num_cpus: int | None = None) -> None:
         return
     cpus = num_cpus or os.cpu_count() or 1
     log.info("Starting an embedded local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    # address="local": never attach to a cluster that someone started on this machine with `ray start`.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
 

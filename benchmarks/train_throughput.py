@@ -1,0 +1,137 @@
+"""`uniner train` step time under Ray Train against the same loop without Ray, and the padding left by
+length-grouped batches, on the built-in student and the Pile-NER sample (a realistic mix of conversation lengths).
+
+    python benchmarks/train_throughput.py [--steps 8] [--workdir /tmp/uniner-bench-train]
+
+Both sides train the built-in model on the same tokenized conversations with the same micro-batches, `train_step`,
+optimizer and schedule, fp32 on the same number of CPU threads; Ray Train runs one worker that streams its shard
+from Ray Data. A step's time includes fetching its batches. The first `--skip` steps (warm-up) are left out and the
+median of the rest is compared. Prints a table, then `nonpad_token_share: <share>` (real tokens over all tokens of the
+micro-batches of one epoch) and, last, `ray_train_overhead: <ratio>` (Ray median step time / plain median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pile-ner-sample" / "pile_ner_type_sample.json"
+
+
+def tokenized_rows(conversations: list[dict], tokenizer, *, max_length: int, seed: int) -> list[tuple]:
+    """(input_ids, loss_mask) of each trainable conversation, in a seeded random order."""
+    import numpy as np
+
+    from uniner.train_data import ConversationTokenizer, conversation_rng, conversation_turns, shuffled_turns
+
+    tokenize = ConversationTokenizer(tokenizer, max_length=max_length)
+    rows = []
+    for conversation in conversations:
+        turns = shuffled_turns(conversation_turns(conversation["conversations"]), conversation_rng(seed, conversation["id"]))
+        try:
+            tokens = tokenize(turns)
+        except ValueError:
+            continue
+        rows.append((np.array(tokens.input_ids), np.array(tokens.loss_mask, dtype=np.int8)))
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def windows(rows: list[tuple], size: int):
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        yield {"input_ids": [ids for ids, _ in chunk], "loss_mask": [mask for _, mask in chunk]}
+
+
+def nonpad_share(rows: list[tuple], *, batch_size: int, window: int, pad_id: int) -> float:
+    from uniner.train_data import micro_batches
+
+    real = total = 0
+    for batch in micro_batches(windows(rows, batch_size * window), batch_size=batch_size, rng=random.Random(0), pad_id=pad_id):
+        real += int(batch["attention_mask"].sum())
+        total += batch["attention_mask"].size
+    return real / total
+
+
+def plain_loop(config, rows: list[tuple], *, steps: int, threads: int) -> list[float]:
+    """The worker's loop without Ray: same model loading, batches, step function, optimizer and schedule."""
+    import torch
+    from transformers import get_scheduler
+
+    from uniner.train import load_student, train_step
+    from uniner.train_data import micro_batches
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_student(config, None)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=round(steps * config.warmup_ratio), num_training_steps=steps)
+    batches = micro_batches(windows(rows, config.batch_size * config.length_window), batch_size=config.batch_size,
+                            rng=random.Random(0), pad_id=tokenizer.pad_token_id)
+    seconds = []
+    for step in range(steps):
+        started = time.perf_counter()
+        group = [next(batches) for _ in range(config.grad_accum)]
+        result = train_step(model, optimizer, scheduler, group, device=torch.device("cpu"), bf16=False, max_grad_norm=config.max_grad_norm)
+        seconds.append(time.perf_counter() - started)
+        print(f"plain loop: step {step + 1}/{steps} loss {result['loss']:.4f} {seconds[-1]:.2f} s", flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8, help="Optimizer steps on each side.")
+    parser.add_argument("--skip", type=int, default=2, help="First steps left out of the medians (warm-up).")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process on both sides.")
+    parser.add_argument("--workdir", default="/tmp/uniner-bench-train")
+    args = parser.parse_args()
+    if not SAMPLE.is_file():
+        sys.exit(f"the Pile-NER sample is not at {SAMPLE}: place ../shared/data beside the project")
+
+    from transformers import AutoTokenizer
+
+    from uniner import train
+    from uniner.config import BUILTIN_MODEL, TrainConfig
+    from uniner.models import resolve_model
+
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    conversations = json.loads(SAMPLE.read_text())
+    (work / "train.json").write_text(json.dumps(conversations))
+    config = TrainConfig(data=str(work / "train.json"), output=str(work / "out"), model=BUILTIN_MODEL, num_workers=1,
+                         cpus_per_worker=args.threads, batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-5)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN_MODEL))
+    rows = tokenized_rows(conversations, tokenizer, max_length=config.max_length, seed=config.seed)
+    grouped = nonpad_share(rows, batch_size=config.batch_size, window=config.length_window, pad_id=tokenizer.pad_token_id)
+    ungrouped = nonpad_share(rows, batch_size=config.batch_size, window=1, pad_id=tokenizer.pad_token_id)
+
+    plain = plain_loop(config, rows, steps=args.steps, threads=args.threads)
+    started = time.perf_counter()
+    train.run(config)
+    ray_wall = time.perf_counter() - started
+    ray_steps = [json.loads(line)["seconds"] for line in (work / "out" / train.METRICS_FILE).read_text().splitlines()]
+    plain_median, ray_median = statistics.median(plain[args.skip :]), statistics.median(ray_steps[args.skip :])
+
+    print(f"\n{len(rows)} conversations of the Pile-NER sample, {BUILTIN_MODEL}, batch {config.batch_size}, fp32, "
+          f"{args.threads} threads, {args.steps} steps (first {args.skip} left out)")
+    print(f"| batching | non-padding token share |\n| --- | --- |")
+    print(f"| random order | {ungrouped:.3f} |\n| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |")
+    print(f"\n| loop | median step s | steps s |\n| --- | --- | --- |")
+    print(f"| plain, no Ray | {plain_median:.2f} | {' '.join(f'{s:.1f}' for s in plain)} |")
+    print(f"| Ray Train, 1 worker | {ray_median:.2f} | {' '.join(f'{s:.1f}' for s in ray_steps)} |")
+    print(f"(the Ray stage took {ray_wall:.0f} s end to end, with tokenization, worker start and the final checkpoint)\n")
+    print(f"nonpad_token_share: {grouped:.3f}")
+    print(f"ray_train_overhead: {ray_median / plain_median:.3f}")
+
+
+if __name__ == "__main__":
+    main()

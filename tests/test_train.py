@@ -1,0 +1,218 @@
+"""`uniner train`: the template and loss mask token for token, length grouping, and real Ray Train runs on a tiny
+model (2 workers over gloo): loss falls, a worker killed mid-run resumes from its checkpoint, the output loads in
+transformers, checkpoints and data on S3."""
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from uniner import storage, train
+from uniner.config import TrainConfig
+from uniner.formats import READ_ACK, Template, question, text_turn
+from uniner.train_data import IGNORE_INDEX, ConversationTokenizer, TooLong, collate, conversation_rng, micro_batches, shuffled_turns
+
+TYPES = ["person", "city", "company", "river", "year", "sport"]
+
+
+def _turns(conversation: dict) -> list[tuple[str, str]]:
+    return [(turn["from"], turn["value"]) for turn in conversation["conversations"]]
+
+
+def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Small conversations with a fixed answer pattern a tiny model can learn."""
+    rng = random.Random(seed)
+    names = ["Ada", "Bob", "Lyon", "Oslo", "Acme", "Nile", "1990", "golf"]
+    conversations = []
+    for index in range(n):
+        picked = rng.sample(names, 3)
+        turns = [{"from": "human", "value": text_turn(" ".join(picked) + " met.")}, {"from": "gpt", "value": READ_ACK}]
+        for entity_type in rng.sample(TYPES, 2):
+            turns += [{"from": "human", "value": question(entity_type)}, {"from": "gpt", "value": json.dumps(picked[:1])}]
+        conversations.append({"id": f"c{index}", "conversations": turns})
+    return conversations
+
+
+# ---- tokenization and the loss mask ----
+
+
+def test_unmasked_tokens_are_exactly_the_answers_and_prompts_match_inference(tokenizer, shared_data):
+    sample = json.loads((shared_data / "pile-ner-sample" / "pile_ner_type_sample.json").read_text())
+    conversation = next(c for c in sample if len(c["conversations"]) >= 6 and len(c["conversations"][0]["value"]) < 1500)
+    turns = shuffled_turns(_turns(conversation), conversation_rng(0, conversation["id"]))
+    tokens = ConversationTokenizer(tokenizer, max_length=1024)(turns)
+    assert tokens.turns_cut == 0 and len(tokens.input_ids) == len(tokens.loss_mask)
+
+    answers = [value for role, value in turns if role == "gpt"]
+    expected = [t for a in answers for t in tokenizer(f" {a}{tokenizer.eos_token}", add_special_tokens=False).input_ids]
+    unmasked = [t for t, m in zip(tokens.input_ids, tokens.loss_mask) if m]
+    assert unmasked == expected
+    assert tokenizer.decode(unmasked) == "".join(f" {a}{tokenizer.eos_token}" for a in answers)
+
+    # Every answer starts right after `ASSISTANT:`; the tokens before it are the whole prompt so far tokenized as
+    # inference will tokenize it, the first question's exactly `Template.query`.
+    template = Template(eos=tokenizer.eos_token)
+    starts = [i for i in range(1, len(tokens.loss_mask)) if tokens.loss_mask[i] and not tokens.loss_mask[i - 1]]
+    assert len(starts) == len(answers)
+    for index, start in enumerate(starts):
+        assert tokens.input_ids[:start] == tokenizer(template.render(turns[: 2 * index + 1])).input_ids
+    text, first_type = turns[0][1].removeprefix("Text: "), turns[2][1].removeprefix("What describes ").removesuffix(" in the text?")
+    assert tokens.input_ids[: starts[1]] == tokenizer(template.query(text, first_type)).input_ids
+
+
+def test_turns_after_the_first_exchange_are_shuffled_in_pairs_with_a_seed():
+    turns = [("human", "Text: t"), ("gpt", READ_ACK)] + [x for i in range(6) for x in (("human", f"q{i}"), ("gpt", f"a{i}"))]
+    orders = {tuple(shuffled_turns(turns, conversation_rng(seed, "c"))) for seed in range(5)}
+    assert len(orders) > 1
+    assert shuffled_turns(turns, conversation_rng(3, "c")) == shuffled_turns(turns, conversation_rng(3, "c"))
+    for order in orders:
+        assert order[:2] == tuple(turns[:2])
+        assert all(q[1][1:] == a[1][1:] for q, a in zip(order[2::2], order[3::2]))  # q3 stays with a3
+
+
+def test_long_conversations_are_cut_at_a_turn_boundary(tokenizer):
+    turns = [("human", "Text: Ada met Bob in Oslo."), ("gpt", READ_ACK)]
+    turns += [x for t in TYPES for x in (("human", question(t)), ("gpt", '["Ada"]'))]
+    full = ConversationTokenizer(tokenizer, max_length=1024)(turns)
+    cut = ConversationTokenizer(tokenizer, max_length=len(full.input_ids) - 1)(turns)
+    assert cut.turns_cut == 1 and cut.input_ids == full.input_ids[: len(cut.input_ids)]
+    assert cut.input_ids[-1] == tokenizer.eos_token_id and cut.loss_mask[-1] == 1
+    with pytest.raises(TooLong):
+        ConversationTokenizer(tokenizer, max_length=20)(turns)
+
+
+def test_length_grouped_batches_keep_every_row_and_pad_little():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 400, size=256)
+    window = {"input_ids": [np.arange(n) + 1 for n in lengths], "loss_mask": [np.ones(n, np.int8) for n in lengths]}
+    batches = list(micro_batches([window], batch_size=4, rng=random.Random(0), pad_id=0))
+    assert sorted(int(b["attention_mask"].sum(1)[i]) for b in batches for i in range(len(b["input_ids"]))) == sorted(lengths)
+    share = sum(b["attention_mask"].sum() for b in batches) / sum(b["attention_mask"].size for b in batches)
+    assert share > 0.97
+    batch = collate([(np.array([5, 6, 7]), np.array([0, 1, 1]))], pad_id=0)
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7]]
+
+
+# ---- Ray Train runs ----
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, tiny_model_dir, ray_session, s3_endpoint):
+    """One run on 2 workers, checkpoints on the local S3 server, whose last worker dies after step 3; FailureConfig
+    restarts the group from the step-2 checkpoint. Yields the summary, a local copy of the output and the marker."""
+    import os
+    import uuid
+
+    import boto3
+
+    folder = tmp_path_factory.mktemp("train")
+    conversations = synthetic_conversations(16)
+    conversations.append({"id": "long", "conversations": [{"from": "human", "value": text_turn("word " * 400)}, {"from": "gpt", "value": READ_ACK}]})
+    conversations.append({"id": "broken", "conversations": [{"from": "gpt", "value": "[]"}]})
+    (folder / "train.json").write_text(json.dumps(conversations))
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    marker = folder / "killed"
+    config = TrainConfig(data=str(folder / "train.json"), output=f"s3://{bucket}/student", model=str(tiny_model_dir), num_workers=2,
+                         batch_size=4, max_steps=8, learning_rate=1e-2, warmup_ratio=0.1, max_length=128, checkpoint_every=2,
+                         s3_endpoint_url=s3_endpoint)
+    os.environ[train.KILL_ENV] = f"3:{marker}"
+    try:
+        summary = train.run(config)
+    finally:
+        del os.environ[train.KILL_ENV]
+    storage.download_tree(storage.locate(config.output, s3_endpoint_url=s3_endpoint), str(folder / "out"))
+    return summary, folder / "out", marker
+
+
+def test_loss_falls_on_a_small_fixed_set(killed_and_resumed):
+    summary, out, _ = killed_and_resumed
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0  # an untrained model stays near ln(vocab) = 10.8
+    assert summary["final_loss"] == metrics[-1]["loss"] and summary["steps"] == 8
+    assert all(m["tokens_per_s"] > 0 for m in metrics) and all(m["lr"] > 0 for m in metrics[1:])  # warmup starts at 0
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_and_resumed):
+    summary, out, marker = killed_and_resumed
+    assert marker.exists()  # the worker really died once
+    assert summary["resumed_from_steps"] == [2]
+    on_disk = json.loads((out / "_summary.json").read_text())
+    assert on_disk["resumed_from_steps"] == [2] and on_disk["steps_per_epoch"] == 2
+
+
+def test_checkpoints_are_in_s3_and_older_ones_are_dropped(killed_and_resumed):
+    summary, out, _ = killed_and_resumed
+    assert summary["final_checkpoint"].endswith("student/_ray/train/checkpoint_00000008")
+    checkpoints = sorted(p.name for p in (out / "_ray" / "train").glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_00000006", "checkpoint_00000008"]  # keep_checkpoints: 2
+    assert (out / "_ray" / "train" / "checkpoint_00000008" / train.MODEL_DIR / "model.safetensors").is_file()
+
+
+def test_rejected_conversations_land_in_rejects_with_their_reason(killed_and_resumed):
+    summary, out, _ = killed_and_resumed
+    rejects = pq.read_table(out / "_rejects").to_pylist()
+    assert {(r["id"], r["reason"]) for r in rejects} == {("long", "too_long"), ("broken", "malformed")}
+    assert summary["conversations_trainable"] == 16 and summary["rejected"] == {"malformed": 1, "too_long": 1}
+
+
+def test_output_is_a_plain_hugging_face_folder(killed_and_resumed, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, _ = killed_and_resumed
+    model = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    final = AutoModelForCausalLM.from_pretrained(out / "_ray" / "train" / "checkpoint_00000008" / train.MODEL_DIR)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, final.state_dict()[name]), name
+    assert not torch.equal(model.state_dict()["model.embed_tokens.weight"], initial.state_dict()["model.embed_tokens.weight"])
+    assert AutoTokenizer.from_pretrained(out).eos_token == AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
+
+
+def test_finished_output_is_not_overwritten_silently(killed_and_resumed):
+    from uniner.errors import UserError
+
+    summary, _, _ = killed_and_resumed
+    config = TrainConfig(data=summary["data"], output=summary["output"], model=summary["model"],
+                         s3_endpoint_url=summary["config"]["s3_endpoint_url"])
+    with pytest.raises(UserError, match="--overwrite"):
+        train.run(config)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_conversations_are_read(suffix, tmp_path, ray_session):
+    conversations = synthetic_conversations(3)
+    path = tmp_path / f"part-0.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    else:
+        pq.write_table(pa.Table.from_pylist(conversations), path)
+    rows = train.read_conversations(TrainConfig(data=str(tmp_path), output="unused")).take_all()
+    assert [_turns(row) for row in rows] == [_turns(c) for c in conversations]
+
+
+def test_job_files_load_and_hold_the_paper_settings():
+    from uniner.config import load_config
+
+    paper = load_config(TrainConfig, yaml_path="jobs/train-paper.yaml", overrides={"data": "d", "output": "o"})
+    assert paper.num_workers * paper.batch_size * paper.grad_accum == 256
+    assert (paper.learning_rate, paper.lr_schedule, paper.warmup_ratio, paper.epochs, paper.max_length) == (2e-5, "cosine", 0.04, 3, 1024)
+    assert paper.precision == "bf16" and paper.fsdp and paper.use_gpu
+    cpu = load_config(TrainConfig, yaml_path="jobs/train-cpu.yaml", overrides={"data": "d", "output": "o"})
+    assert not cpu.use_gpu and cpu.precision == "fp32"
+
+
+def test_dry_run_plans_without_training(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in synthetic_conversations(2)))
+    result = run_cli("train", "--config", "jobs/train-cpu.yaml", "--data", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "o"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "32 conversations per step" in result.stdout and "DDP, fp32" in result.stdout
+    assert not (tmp_path / "o").exists()
