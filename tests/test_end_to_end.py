@@ -1,0 +1,52 @@
+"""The whole pipeline through the CLI, as the main job runs it but smaller, with every location on the local S3 server."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from conftest import run_cli
+from uniner import storage
+
+STAGES = ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
+
+
+@pytest.mark.timeout(2400)
+def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
+    bucket = s3_bucket.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.put_object(Bucket=bucket, Key="eval/news/dev.txt",
+                      Body=b"Maria\tB-person\nKeller\tI-person\nflew\tO\nto\tO\nBerlin\tB-location\n.\tO\n")
+    workdir = f"{s3_bucket}/run"
+    config = {
+        "workdir": workdir, "s3_endpoint_url": s3_endpoint, "sample_corpus_docs": 12,
+        "stand_in_teacher": "smollm2-135m-instruct", "stages": STAGES,
+        "passages": {"sample_size": 12},
+        "annotate": {"max_tokens": 128, "num_actors": 1, "cache": "off"},
+        "train": {"max_steps": 2, "batch_size": 2, "max_length": 384, "cpus_per_worker": 1},
+        "extract": {"types": ["person", "location"], "max_new_tokens": 24},
+        "evaluate": {"data": [f"{s3_bucket}/eval/news/dev.txt"], "max_new_tokens": 24},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    result = run_cli("pipeline", str(path), timeout=2400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in STAGES:
+        assert f"{stage}: output in {workdir}/{stage}" in result.stdout
+
+    location = storage.locate(workdir, s3_endpoint_url=s3_endpoint)
+    annotations = pads.dataset(location.join("annotate").path, filesystem=location.fs, format="parquet").to_table()
+    assert annotations.num_rows == 12 and set(annotations["teacher_model"].to_pylist()) == {"STAND-IN-TEACHER:smollm2-135m-instruct"}
+    extractions = pads.dataset(location.join("extract").path, filesystem=location.fs, format="parquet").to_table()
+    assert sorted(extractions["doc_id"].to_pylist()) == sorted(set(extractions["doc_id"].to_pylist())) and extractions.num_rows == 12
+    report = json.loads(storage.read_text(location.join("evaluate", "report.json")))
+    assert set(report["datasets"]) == {"news-dev"} and report["datasets"]["news-dev"]["n_queries"] == 2
+
+    # Everything finished, so a rerun skips every stage.
+    again = run_cli("pipeline", str(path), timeout=600)
+    assert again.returncode == 0 and again.stderr.count("finished earlier") == len(STAGES), again.stderr[-2000:]
