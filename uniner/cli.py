@@ -17,7 +17,7 @@ from uniner.errors import UserError
 log = logging.getLogger("uniner")
 
 # Stage name -> module with `plan(config) -> list[str]`, `run(config) -> dict` and `summary_lines(dict)`.
-STAGE_MODULES = {"passages": "uniner.passages"}
+STAGE_MODULES = {"passages": "uniner.passages", "extract": "uniner.extract"}
 
 
 def stage_module(name: str):
