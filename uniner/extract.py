@@ -100,9 +100,10 @@ class Engine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from vllm import LLM, SamplingParams
 
-        # With a share of a GPU, vLLM may take only that share of its memory.
+        # With a share of a GPU, vLLM may take only that share of its memory. On CPU, its compile warm-up takes
+        # minutes on a few cores, longer than most runs gain from it: run eagerly there.
         memory = {"gpu_memory_utilization": 0.9 * min(gpus, 1.0)} if gpus else {}
-        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, **memory)
+        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, enforce_eager=not gpus, **memory)
         eos = self.llm.get_tokenizer().eos_token
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[eos] if eos else None)
 
