@@ -19,6 +19,10 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's uniner, wherever the script is started from
 
 TYPES = ["person", "organization", "location", "date", "product", "event", "country", "city", "company", "money"]
 
@@ -89,7 +93,7 @@ def timed_pipeline(kind: str, prompts: list[str], args) -> dict:
 def in_subprocess(kind: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--passages", str(args.passages), "--types", str(args.types),
                "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--hf-batch-size", str(args.hf_batch_size)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"{kind} failed:\n{result.stderr[-3000:]}")

@@ -16,7 +16,6 @@ import importlib.util
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -45,6 +44,7 @@ STAGING_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+ANSWERED_SCHEMA = STAGING_SCHEMA.append(pa.field("generated", pa.string()))
 ENTITY = pa.struct([("text", pa.string()), ("type", pa.string()), ("start", pa.int64()), ("end", pa.int64())])
 UNMATCHED = pa.struct([("text", pa.string()), ("type", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
@@ -63,6 +63,7 @@ SUMMARY_FILE = "_summary.json"
 EXPORT_DIR = "_export"
 WORK_DIR = "_work"
 PROGRESS_EVERY_S = 10.0
+STAGING_ROWS = 20_000  # rows per staging file
 
 
 def template_for(tokenizer) -> Template:
@@ -100,10 +101,10 @@ class Engine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from vllm import LLM, SamplingParams
 
-        # With a share of a GPU, vLLM may take only that share of its memory. On CPU, its compile warm-up takes
-        # minutes on a few cores, longer than most runs gain from it: run eagerly there.
-        memory = {"gpu_memory_utilization": 0.9 * min(gpus, 1.0)} if gpus else {}
-        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, enforce_eager=not gpus, **memory)
+        # With a share of a GPU, vLLM may take only that share of its memory; with several, it splits the model
+        # over them. On CPU, its compile warm-up takes minutes on a few cores, longer than most runs gain from it.
+        placement = {"gpu_memory_utilization": 0.9 * min(gpus, 1.0), "tensor_parallel_size": max(1, int(gpus))} if gpus else {}
+        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, enforce_eager=not gpus, **placement)
         eos = self.llm.get_tokenizer().eos_token
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[eos] if eos else None)
 
@@ -267,14 +268,10 @@ def document_row(rows: list[dict[str, Any]], *, case_sensitive: bool, whole_word
             "entities": spans.merge(found), "unmatched": spans.merge_unmatched(unmatched), "queries": len(queries)}
 
 
-class AssembleDocuments:
+def assemble_documents(group: pa.Table, *, case_sensitive: bool, whole_words: bool) -> pa.Table:
     """Ray Data group function: all staging rows of one document -> its output row."""
-
-    def __init__(self, *, case_sensitive: bool, whole_words: bool):
-        self.options = {"case_sensitive": case_sensitive, "whole_words": whole_words}
-
-    def __call__(self, group: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([document_row(group.to_pylist(), **self.options)], schema=OUTPUT_SCHEMA)
+    row = document_row(group.to_pylist(), case_sensitive=case_sensitive, whole_words=whole_words)
+    return pa.Table.from_pylist([row], schema=OUTPUT_SCHEMA)
 
 
 # ---- the stage ----
@@ -314,17 +311,25 @@ def plan(config: ExtractConfig) -> list[str]:
     ]
 
 
-def _stream_to_staging(answered, staging: storage.Location) -> dict[str, Any]:
-    """Write the engine's output as it comes, with progress; tally documents, queries and rejects."""
+def _write_part(staging: storage.Location, part: int, tables: list[pa.Table]) -> None:
     import pyarrow.parquet as pq
 
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.concat_tables(tables), buffer)
+    storage.write_bytes(staging.join(f"part-{part:06d}.parquet"), buffer.getvalue().to_pybytes())
+
+
+def _stream_to_staging(answered, staging: storage.Location) -> dict[str, Any]:
+    """Write the engine's output as it comes, with progress; tally documents, queries and rejects."""
     counts: dict[str, Any] = {"documents": 0, "queries": 0, "rejected": {}}
     started = last = time.time()
-    storage.delete_tree(staging)
-    for part, table in enumerate(answered.iter_batches(batch_format="pyarrow", batch_size=None)):
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer)
-        storage.write_bytes(staging.join(f"part-{part:06d}.parquet"), buffer.getvalue().to_pybytes())
+    pending: list[pa.Table] = []
+    parts = 0
+    for table in answered.iter_batches(batch_format="pyarrow", batch_size=None):
+        pending.append(table)
+        if sum(t.num_rows for t in pending) >= STAGING_ROWS:
+            _write_part(staging, parts, pending)
+            parts, pending = parts + 1, []
         kinds = table["kind"].to_pylist()
         counts["documents"] += kinds.count("document")
         counts["queries"] += kinds.count("query")
@@ -335,6 +340,8 @@ def _stream_to_staging(answered, staging: storage.Location) -> dict[str, Any]:
             last = time.time()
             elapsed = last - started
             log.info("extract: %d documents (%.2f/s), %d queries (%.1f/s)", counts["documents"], counts["documents"] / elapsed, counts["queries"], counts["queries"] / elapsed)
+    if pending or not parts:  # an input without a single item still gets a (then empty) staging table
+        _write_part(staging, parts, pending or [ANSWERED_SCHEMA.empty_table()])
     counts["engine_seconds"] = time.time() - started
     return counts
 
@@ -407,9 +414,8 @@ def run(config: ExtractConfig) -> dict[str, Any]:
 
     log.info("extract: mapping answers to document offsets")
     staged = ray.data.read_parquet(staging.path, filesystem=staging.fs)
-    documents = staged.groupby("doc_key", num_partitions=max(1, cluster_cpus())).map_groups(
-        AssembleDocuments, fn_constructor_kwargs={"case_sensitive": config.case_sensitive, "whole_words": config.offsets == "words"},
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cluster_cpus())),
+    documents = staged.groupby("doc_key", num_partitions=cluster_cpus()).map_groups(
+        assemble_documents, fn_kwargs={"case_sensitive": config.case_sensitive, "whole_words": config.offsets == "words"}, batch_format="pyarrow"
     )
     with storage.storage_errors("write", output):
         if config.output_format == "parquet":
