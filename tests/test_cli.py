@@ -48,7 +48,7 @@ def test_yaml_config_and_override_on_the_command_line(tmp_path):
     assert "seed: 5" in result.stdout and "max_tokens: 99" in result.stdout
 
 
-@pytest.mark.parametrize("stage", ["annotate", "build-data", "train", "extract", "evaluate"])
+@pytest.mark.parametrize("stage", ["annotate", "build-data", "train", "evaluate"])
 def test_stages_not_built_yet_say_so_in_one_line(stage, tmp_path):
     result = run_cli(stage, "--config", str(_full_config(tmp_path, stage)))
     assert result.returncode == 2

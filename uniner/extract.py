@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -94,8 +95,6 @@ class Engine:
             self._start_transformers(model_dir, max_new_tokens, gpus)
 
     def _start_vllm(self, model_dir: str, max_new_tokens: int, gpus: float, prefix_caching: bool) -> None:
-        import os
-
         if not gpus:
             # vLLM on CPU otherwise reserves a large share of RAM for its KV cache.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
