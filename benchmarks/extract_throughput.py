@@ -76,7 +76,7 @@ def timed_pipeline(kind: str, prompts: list[str], args) -> dict:
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
         config = vLLMEngineProcessorConfig(
-            model_source=model_dir, batch_size=args.batch_size, concurrency=1,
+            model_source=model_dir, batch_size=args.batch_size, concurrency=1, chat_template_stage=False,
             engine_kwargs={"enable_prefix_caching": True, "enforce_eager": True, "seed": 0},
         )
         processor = build_processor(
@@ -91,13 +91,19 @@ def timed_pipeline(kind: str, prompts: list[str], args) -> dict:
 
 
 def in_subprocess(kind: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--passages", str(args.passages), "--types", str(args.types),
+    """One engine in a fresh process (engines and their threads do not share a process); its result via a file,
+    since vLLM and Ray also print to stdout."""
+    import tempfile
+
+    result_file = os.path.join(tempfile.mkdtemp(prefix="uniner-bench-"), "result.json")
+    command = [sys.executable, __file__, "--worker", kind, "--result-file", result_file, "--passages", str(args.passages), "--types", str(args.types),
                "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--hf-batch-size", str(args.hf_batch_size)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
+    if result.returncode != 0 or not os.path.exists(result_file):
         sys.exit(f"{kind} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    with open(result_file) as file:
+        return json.load(file)
 
 
 def main() -> None:
@@ -109,12 +115,15 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=16, help="Batch of the transformers.generate baseline.")
     parser.add_argument("--compare-ray-data-llm", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     prompts = queries(args.passages, args.types)
     if args.worker:
         run = timed_pipeline if args.worker in ("answer-prompts", "ray-data-llm") else timed_engine
-        print(json.dumps(run(args.worker, prompts, args)))
+        result = run(args.worker, prompts, args)
+        with open(args.result_file, "w") as file:
+            json.dump(result, file)
         return
 
     rows = {"transformers.generate": "hf", "extract engine, no prefix cache": "vllm-nocache", "extract engine": "vllm-cache"}
