@@ -48,24 +48,6 @@ def test_yaml_config_and_override_on_the_command_line(tmp_path):
     assert "seed: 5" in result.stdout and "max_tokens: 99" in result.stdout
 
 
-@pytest.mark.parametrize("stage", ["extract"])
-def test_stages_not_built_yet_say_so_in_one_line(stage, tmp_path):
-    result = run_cli(stage, "--config", str(_full_config(tmp_path, stage)))
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "not built yet" in result.stderr
-
-
-def _full_config(tmp_path, stage):
-    values = {"input": "x", "output": "y", "data": "x", "types": "person", "model": "m"}
-    if stage == "evaluate":
-        values["data"] = ["x"]
-    path = tmp_path / "c.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump({k: v for k, v in values.items() if k in STAGE_CONFIGS[stage].__dataclass_fields__}))
-    return path
-
-
 def _assert_one_line_error(result, *fragments):
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -110,12 +92,6 @@ def test_unreachable_storage(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("passages", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
-
-
-def test_pipeline_rejects_stages_not_built_yet(tmp_path):
-    config = tmp_path / "p.yaml"
-    config.write_text(f"workdir: {tmp_path / 'w'}\nstages: [passages, annotate, build-data, train, extract]\npassages: {{input: {tmp_path}}}\n")
-    _assert_one_line_error(run_cli("pipeline", str(config)), "not built yet")
 
 
 def test_pipeline_set_override_reaches_the_stage(tmp_path):

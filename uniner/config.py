@@ -210,23 +210,42 @@ class TrainConfig(StageConfig):
 class ExtractConfig(StageConfig):
     """`uniner extract`: any entity types over a document lake with a UniNER-style model."""
 
-    input: str = setting("", "Documents, read like `uniner passages` input.")
-    output: str = setting("", "Output directory of the extractions.")
-    types: list = setting([], "Entity types to extract, comma-separated; or @FILE with one type per line.")
+    input: str = setting("", "Documents, read like `uniner passages` input: a file, directory or glob, local or s3://.")
+    output: str = setting("", "Output directory (local or s3://): one row per document, plus _summary.json and _export/.")
+    types: list = setting([], "Entity types to extract, comma-separated; or @FILE (local or s3://) with one type per line.")
     model: str = setting(BUILTIN_MODEL, "Model spec: built-in name, local folder, s3:// prefix or hub id.")
-    backend: str = setting("auto", "auto (vLLM where installed), vllm or transformers.")
-    batch_size: int = setting(64, "Queries per engine batch.")
+    backend: str = setting("auto", "auto (vLLM where installed, else transformers), vllm or transformers.")
+    input_format: str = setting("auto", "Document format: auto (from the file extension), jsonl, parquet or txt.")
+    text_field: str = setting("text", "Field holding the document text in JSONL and Parquet input.")
+    id_field: str = setting("", "Field holding a document id; empty: the file path plus line or row number.")
+    passage_tokens: int = setting(256, "Longer documents are split into passages of at most this many model tokens.")
+    batch_size: int = setting(64, "Queries per engine call.")
     replicas: int = setting(1, "Engine actors.")
-    gpus_per_replica: float = setting(0.0, "GPUs per engine actor; 0 runs on CPU.")
+    gpus_per_replica: float = setting(0.0, "GPUs per engine actor (may be a fraction); 0 runs on CPU.")
     max_new_tokens: int = setting(256, "Bound on the tokens of one answer.")
-    case_sensitive: bool = setting(True, "Match entity strings to the text case-sensitively.")
+    prefix_caching: bool = setting(True, "vLLM prefix cache: the queries of one passage share its prompt prefix.")
+    case_sensitive: bool = setting(True, "Match answer strings to the text case-sensitively.")
+    offsets: str = setting("words", "Where answer strings may match: words (not inside a longer word) or anywhere.")
     output_format: str = setting("parquet", "parquet or jsonl.")
+    export: list = setting([], "Also write OUTPUT/_export/ in these formats, comma-separated: conll, spacy, gliner.")
 
     def check(self) -> None:
         _require(self.input, "input", "the documents to extract from")
         _require(self.output, "output", "where to write extractions")
         if not self.types:
             raise UserError("missing --types: give entity types, e.g. --types person,location or --types @types.txt")
+        choices = {"backend": ("auto", "vllm", "transformers"), "offsets": ("words", "anywhere"), "output_format": ("parquet", "jsonl"),
+                   "input_format": ("auto", "jsonl", "parquet", "txt")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}: use {', '.join(allowed)}")
+        unknown = [e for e in self.export if e not in ("conll", "spacy", "gliner")]
+        if unknown:
+            raise UserError(f"unknown --export {', '.join(unknown)}: use conll, spacy or gliner")
+        if min(self.batch_size, self.replicas, self.max_new_tokens) < 1 or self.gpus_per_replica < 0:
+            raise UserError("--batch-size, --replicas and --max-new-tokens must be at least 1, --gpus-per-replica at least 0")
+        if self.passage_tokens < 8:
+            raise UserError(f"--passage-tokens {self.passage_tokens} is too small: use at least 8")
 
 
 @dataclass(kw_only=True)

@@ -28,7 +28,7 @@ from uniner import bio, storage
 from uniner.build_data import check_conversation, dataset_name_of, eval_queries
 from uniner.config import EvaluateConfig
 from uniner.errors import UserError
-from uniner.formats import OFFICIAL_LIST, Template, answer_text, parse_answer_lenient
+from uniner.formats import OFFICIAL_LIST, answer_text, parse_answer_lenient
 
 log = logging.getLogger("uniner.evaluate")
 
@@ -207,14 +207,14 @@ def read_predictions(config: EvaluateConfig, datasets: dict[str, list[Query]]) -
 def generate(config: EvaluateConfig, datasets: dict[str, list[Query]]) -> dict[tuple[str, str], str]:
     """Run the model over every query through the extraction engine; the prompt is the conversation up to the
     final `ASSISTANT:`, with the model's own EOS string as the template's separator."""
-    from uniner.extract import answer_prompts
+    from uniner.extract import answer_prompts, template_for
     from uniner.models import load_tokenizer, resolve_model
 
     model_dir = resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url)
-    template = Template(eos=load_tokenizer(model_dir).eos_token)
+    template = template_for(load_tokenizer(str(model_dir)))
     queries = [q for qs in datasets.values() for q in qs]
     prompts = [template.render(q.prompt_turns) for q in queries]
-    outputs = answer_prompts(prompts, model=model_dir, backend=config.backend, max_new_tokens=config.max_new_tokens,
+    outputs = answer_prompts(prompts, model=str(model_dir), backend=config.backend, max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_size, replicas=config.replicas,
                              gpus_per_replica=config.gpus_per_replica)
     return {(q.dataset, q.id): output for q, output in zip(queries, outputs)}

@@ -9,6 +9,7 @@ folder in the cache (DESIGN.md section 5).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -227,7 +228,10 @@ def openai_server(spec: str, *, served_name: str, max_model_len: int = 2048, sta
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
     log.info("starting vLLM's OpenAI-compatible server for %s on port %d (log: %s)", spec, port, log_file.name)
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # Its own process group, so that stopping it reaches vLLM's engine processes too; and a death signal, so that
+    # it stops with us even when we are killed without a chance to clean up.
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                               preexec_fn=_stop_with_parent)
     try:
         _wait_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout_s, log_file)
         yield f"http://127.0.0.1:{port}/v1"
@@ -240,6 +244,14 @@ def openai_server(spec: str, *, served_name: str, max_model_len: int = 2048, sta
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         log_file.close()
+
+
+def _stop_with_parent() -> None:
+    """Linux: deliver SIGTERM to this child when its parent dies (PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, log_file) -> None:

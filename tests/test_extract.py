@@ -1,0 +1,294 @@
+"""The extract stage: offsets and merge rules, long documents, exports, the CLI on vLLM and transformers,
+answer_prompts' order, S3, and losing a Ray node mid-run."""
+
+import json
+import threading
+import time
+import types as pytypes
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import run_cli
+from uniner import extract, spans, storage
+from uniner.config import ExtractConfig
+from uniner.errors import UserError
+
+# ---- answers -> offsets (pure functions) ----
+
+
+def test_every_occurrence_with_word_boundaries():
+    text = "York, New York and Yorkshire; york. NewYork"
+    assert spans.find_spans(text, "York") == [(0, 4), (10, 14)]
+    assert spans.find_spans(text, "York", whole_words=False) == [(0, 4), (10, 14), (19, 23), (39, 43)]
+    assert spans.find_spans(text, "york", case_sensitive=False) == [(0, 4), (10, 14), (30, 34)]
+    assert spans.find_spans(text, "Paris") == []
+    assert spans.find_spans(text, "  ") == []
+
+
+def test_case_insensitive_match_keeps_the_document_spelling():
+    text = "ÉMILE met émile and İstanbul."
+    entities, unmatched = spans.locate(text, [("Émile", "person"), ("istanbul", "location")], case_sensitive=False)
+    assert [(e["text"], e["start"]) for e in entities] == [("ÉMILE", 0), ("émile", 10), ("İstanbul", 20)]
+    assert unmatched == []
+    for entity in entities:
+        assert text[entity["start"] : entity["end"]] == entity["text"]
+
+
+def test_unicode_offsets_are_code_points_and_cjk_has_no_word_boundaries():
+    text = "🎉 東京タワーは東京にあります。Zoë Müller-Lüdenscheidt 🎉 C++ (beta)"
+    entities, unmatched = spans.locate(text, [("東京", "location"), ("Zoë Müller-Lüdenscheidt", "person"), ("C++", "language"), ("(beta)", "version")])
+    assert unmatched == []
+    assert [e["start"] for e in entities if e["type"] == "location"] == [2, 8]
+    for entity in entities:
+        assert text[entity["start"] : entity["end"]] == entity["text"]
+
+
+def test_whitespace_in_an_answer_matches_any_whitespace_and_text_is_the_documents():
+    text = "The Bank of\nEngland raised rates."
+    [entity], _ = spans.locate(text, [("Bank of England", "organization")])
+    assert entity == {"text": "Bank of\nEngland", "type": "organization", "start": 4, "end": 19}
+
+
+def test_matches_stay_within_the_passage_asked_about():
+    text = "Paris is here. Lyon is there. Paris again."
+    entities, unmatched = spans.locate(text, [("Paris", "location"), ("Lyon", "location")], start=15, end=len(text))
+    assert [(e["start"], e["end"]) for e in entities] == [(30, 35), (15, 19)]
+    assert unmatched == []
+    _, unmatched = spans.locate(text, [("Lyon", "location")], start=30, end=len(text))
+    assert unmatched == [{"text": "Lyon", "type": "location"}]
+
+
+def test_merge_drops_duplicates_and_same_type_overlaps_but_keeps_other_types():
+    def e(start, end, kind):
+        return {"text": "x" * (end - start), "type": kind, "start": start, "end": end}
+
+    merged = spans.merge([e(0, 8, "loc"), e(4, 8, "loc"), e(0, 8, "loc"), e(6, 12, "loc"), e(4, 8, "org"), e(20, 24, "loc"), e(22, 30, "loc")])
+    assert [(m["start"], m["end"], m["type"]) for m in merged] == [(0, 8, "loc"), (4, 8, "org"), (22, 30, "loc")]
+    assert spans.merge_unmatched([{"text": "a", "type": "t"}, {"text": "a", "type": "t"}, {"text": "a", "type": "u"}]) == [
+        {"text": "a", "type": "t"}, {"text": "a", "type": "u"}]
+
+
+def test_exports():
+    text = "New York City hosts Pfizer."
+    entities = [
+        {"text": "New York City", "type": "location", "start": 0, "end": 13},
+        {"text": "York", "type": "organization", "start": 4, "end": 8},
+        {"text": "Pfizer", "type": "organization", "start": 20, "end": 26},
+    ]
+    conll = spans.to_conll("d1", text, entities)
+    assert conll.splitlines() == ["# id = d1", "New\tB-location", "York\tI-location", "City\tI-location", "hosts\tO", "Pfizer\tB-organization", ".\tO", ""]
+    assert conll.endswith("\n\n")
+    spacy = json.loads(spans.to_spacy("d1", text, entities))
+    assert spacy["ents"][0] == {"start": 0, "end": 13, "label": "location"} and spacy["text"] == text
+    gliner = json.loads(spans.to_gliner("d1", text, entities))
+    assert gliner["tokenized_text"] == ["New", "York", "City", "hosts", "Pfizer", "."]
+    assert gliner["ner"] == [[0, 2, "location"], [1, 1, "organization"], [4, 4, "organization"]]
+
+
+def test_template_eos_comes_from_the_tokenizer(tokenizer):
+    assert extract.template_for(pytypes.SimpleNamespace(eos_token="</s>")).eos == "</s>"
+    assert extract.template_for(tokenizer).eos == tokenizer.eos_token == "<|im_end|>"
+    assert extract.template_for(tokenizer).query("Some text.", "person").endswith("in the text? ASSISTANT:")
+
+
+def test_types_from_a_file_and_bad_settings(tmp_path):
+    (tmp_path / "types.txt").write_text("person\n\n# comment\nlocation\nperson\n")
+    config = ExtractConfig(input="x", output="y", types=[f"@{tmp_path / 'types.txt'}"])
+    assert extract.entity_types(config) == ["person", "location"]
+    with pytest.raises(UserError, match="does not exist"):
+        extract.entity_types(ExtractConfig(input="x", output="y", types=["@/nowhere/types.txt"]))
+    with pytest.raises(UserError, match="--export"):
+        ExtractConfig(input="x", output="y", types=["person"], export=["brat"]).check()
+
+
+# ---- a long document split into passages and merged back ----
+
+
+def test_long_document_split_and_merged_back_into_document_offsets(tmp_path, builtin_model_dir):
+    sentences = [f"Sentence {i} says that Ada Lovelace met Charles Babbage in London." for i in range(60)]
+    document = " ".join(sentences) + " Finally Ada Lovelace wrote to Mary Somerville."
+    (tmp_path / "doc.txt").write_text(document)
+    config = ExtractConfig(input=str(tmp_path), output=str(tmp_path / "out"), types=["person", "location"], passage_tokens=64)
+    location = storage.locate(str(tmp_path / "doc.txt"))
+    batch = {"uri": [location.uri], "path": [location.path], "relative": ["doc.txt"], "index": [0]}
+    rows = pa.concat_tables(extract.file_queries(batch, config=config, model_dir=str(builtin_model_dir), types=["person", "location"], filesystem=location.fs)).to_pylist()
+    queries = [r for r in rows if r["kind"] == "query"]
+    assert len({r["char_start"] for r in queries}) > 5  # several passages
+    assert all(r["prompt"].endswith(f"What describes {r['type']} in the text? ASSISTANT:") for r in queries)
+    answers = {"person": '["Ada Lovelace", "Charles Babbage", "Mary Somerville", "Alan Turing"]', "location": "Sure: ['London']"}
+    for row in queries:
+        row["generated"] = " " + answers[row["type"]]
+    result = extract.document_row(rows, case_sensitive=True, whole_words=True)
+    assert result["status"] == "ok" and result["queries"] == len(queries)
+    by_type = {}
+    for entity in result["entities"]:
+        assert document[entity["start"] : entity["end"]] == entity["text"]
+        by_type.setdefault(entity["type"], []).append(entity["text"])
+    assert by_type["location"].count("London") == 60
+    assert by_type["person"].count("Ada Lovelace") == 61 and by_type["person"].count("Mary Somerville") == 1
+    # Answers absent from the passage they were asked about are kept apart, once per (text, type).
+    assert {"text": "Alan Turing", "type": "person"} in result["unmatched"]
+    assert {"text": "Mary Somerville", "type": "person"} in result["unmatched"]  # said for passages that lack her
+
+
+# ---- the CLI end to end on both engines ----
+
+LAKE_DOCS = {
+    "en": "Maria Keller flew from Berlin to Nairobi with Fjord Shipping in 2019.",
+    "uni": "東京タワーは東京にあります。Émile Zola visited Zürich 🎉.",
+    "empty": "",
+}
+
+
+def make_lake(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": k, "text": v}, ensure_ascii=False) for k, v in LAKE_DOCS.items()]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n{not json\n")
+    (folder / "b.txt").write_text("Ada Lovelace wrote notes on the Analytical Engine in London.")
+    return folder
+
+
+def check_output(out, output_format):
+    table = pads.dataset(str(out), format="parquet" if output_format == "parquet" else "json").to_table()
+    rows = {r["doc_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(["en", "uni", "empty", "a.jsonl:4", "b.txt"])  # every document exactly once
+    assert table.num_rows == 5
+    assert rows["empty"]["status"] == "empty" and rows["a.jsonl:4"]["status"] == "invalid_json"
+    for doc_id in ("en", "uni", "b.txt"):
+        row = rows[doc_id]
+        assert row["status"] == "ok" and row["queries"] == 2
+        for entity in row["entities"]:
+            assert row["text"][entity["start"] : entity["end"]] == entity["text"]
+    assert rows["uni"]["text"] == LAKE_DOCS["uni"]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["documents_read"] == 3 and summary["rejected"] == {"empty": 1, "invalid_json": 1}
+    assert summary["documents_written"] == 5 and summary["queries"] == 6
+    return rows, summary
+
+
+def cli_run(tmp_path, *options):
+    lake = make_lake(tmp_path / "lake")
+    out = tmp_path / "out"
+    result = run_cli(
+        "extract", "--input", str(lake), "--output", str(out), "--types", "person,location", "--id-field", "id",
+        "--max-new-tokens", "24", *options, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory):
+    pytest.importorskip("vllm")
+    return cli_run(tmp_path_factory.mktemp("vllm"), "--backend", "vllm", "--export", "conll,spacy,gliner")
+
+
+@pytest.fixture(scope="module")
+def transformers_run(tmp_path_factory):
+    return cli_run(tmp_path_factory.mktemp("hf"), "--backend", "transformers", "--output-format", "jsonl", "--batch-size", "4")
+
+
+def test_cli_on_vllm(vllm_run):
+    out, result = vllm_run
+    rows, summary = check_output(out, "parquet")
+    assert summary["backend"] == "vllm" and "queries:" in result.stdout
+    spacy = [json.loads(line) for line in (out / "_export" / "spacy.jsonl").read_text().splitlines()]
+    assert sorted(d["id"] for d in spacy) == ["b.txt", "en", "uni"]
+    conll = (out / "_export" / "conll.txt").read_text()
+    assert conll.count("# id = ") == 3 and "Zürich\t" in conll
+    assert len((out / "_export" / "gliner.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_on_transformers(transformers_run):
+    out, _ = transformers_run
+    _, summary = check_output(out, "jsonl")
+    assert summary["backend"] == "transformers"
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    result = run_cli("extract", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--types", "person", "--offsets", "fuzzy")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--offsets" in result.stderr
+
+
+# ---- answer_prompts, S3, large documents, node loss (transformers: quick engine starts) ----
+
+
+def test_answer_prompts_keeps_input_order(ray_session, builtin_model_dir):
+    things = ["cats", "the sea", "Paris", "winter", "music", "bread", "the moon", "trains", "coffee", "rain", "chess"]
+    prompts = [f"USER: Write one sentence about {thing}. ASSISTANT:" + " Sure." * (i % 3) for i, thing in enumerate(things)]
+    kwargs = {"model": str(builtin_model_dir), "backend": "transformers", "max_new_tokens": 6}
+    batched = extract.answer_prompts(prompts, batch_size=3, replicas=2, **kwargs)
+    one_by_one = extract.answer_prompts(prompts[::-1], batch_size=1, **kwargs)[::-1]
+    assert len(batched) == len(prompts) and len(set(batched)) > 5
+    assert batched == one_by_one
+    assert extract.answer_prompts([], **kwargs) == []
+
+
+def test_s3_in_and_out_with_an_empty_unicode_and_5mb_document(ray_session, tiny_model_dir, s3_bucket, s3_endpoint, tmp_path):
+    import boto3
+
+    big = ("Grace Hopper worked in Arlington. " * 160_000)[: 5 * 1024 * 1024]
+    lines = [json.dumps({"id": k, "text": v}, ensure_ascii=False) for k, v in {**LAKE_DOCS, "big": big}.items()]
+    bucket = s3_bucket.removeprefix("s3://")
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key="lake/docs.jsonl", Body="\n".join(lines).encode())
+    config = ExtractConfig(
+        input=f"{s3_bucket}/lake", output=f"{s3_bucket}/out", types=["person"], model=str(tiny_model_dir), backend="transformers",
+        id_field="id", max_new_tokens=1, batch_size=256, passage_tokens=448, s3_endpoint_url=s3_endpoint,
+    )
+    summary = extract.run(config)
+    assert summary["documents_read"] == 3 and summary["rejected"] == {"empty": 1}
+    output = storage.locate(f"{s3_bucket}/out", s3_endpoint_url=s3_endpoint)
+    rows = {r["doc_id"]: r for r in pads.dataset(output.path, filesystem=output.fs, format="parquet").to_table().to_pylist()}
+    assert sorted(rows) == ["big", "empty", "en", "uni"]
+    assert rows["big"]["text"] == big and rows["big"]["queries"] > 1000  # split into thousands of passages
+    assert rows["uni"]["text"] == LAKE_DOCS["uni"]
+    assert storage.exists(output.join("_summary.json")) and not storage.exists(output.join("_work"))
+
+
+def test_losing_a_worker_node_mid_run_still_writes_every_document_once(tmp_path, tiny_model_dir):
+    """Head without CPUs + 2 worker nodes of one CPU each, so each worker holds one of the two engine actors; one
+    worker node is removed while they work. Transformers on the tiny model: vLLM's engine start alone would take
+    most of the test budget, and the recovery path (actor restart, batch retry, lineage) is the same."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from uniner.session import init_ray
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address)
+        lake = tmp_path / "lake"
+        lake.mkdir()
+        expected = []
+        for f in range(4):
+            ids = [f"f{f}-{i}" for i in range(40)]
+            lines = [json.dumps({"id": doc_id, "text": f"Document {doc_id} names Ada Lovelace and Alan Turing in Manchester."}) for doc_id in ids]
+            (lake / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
+            expected += ids
+        config = ExtractConfig(
+            input=str(lake), output=str(tmp_path / "out"), types=["person", "location", "date"], model=str(tiny_model_dir),
+            backend="transformers", id_field="id", max_new_tokens=32, batch_size=4, replicas=2,
+        )
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.update(summary=extract.run(config)))
+        runner.start()
+        deadline = time.time() + 120
+        while ray.available_resources().get("CPU", 0) > 0 and time.time() < deadline:  # until both actors hold their CPU
+            time.sleep(0.5)
+        time.sleep(8)  # let them load the model and answer some batches
+        assert runner.is_alive(), "the run ended before a node could be removed: give it more work"
+        cluster.remove_node(workers[0])
+        runner.join(timeout=400)
+        summary = outcome["summary"]
+        table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+        assert sorted(table["doc_id"].to_pylist()) == sorted(expected)  # every document exactly once
+        assert set(table["status"].to_pylist()) == {"ok"} and set(table["queries"].to_pylist()) == {3}
+        assert summary["documents_written"] == 160 and summary["queries"] == 480
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        init_ray()  # later tests expect the session's embedded Ray

@@ -1,0 +1,170 @@
+"""Entity strings -> character spans of a document, the merge rules, and the export formats.
+
+The model answers with strings, not offsets. Each string is found in the text it was asked about, at every
+occurrence with word boundaries (a match must not start or end inside a word of a spaced script); a run of
+whitespace in the answer matches any run of whitespace in the text. A string found nowhere is kept apart as
+unmatched. Every span's `text` is `document[start:end]`, so with `case_sensitive=False` it holds the document's
+spelling, not the model's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+
+Entity = dict  # {"text", "type", "start", "end"}
+
+# Scripts written without spaces: one token per character.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN = re.compile(rf"[{_UNSPACED}]|(?:(?![{_UNSPACED}])\w)+|[^\w\s]")
+
+
+def _is_word_char(char: str) -> bool:
+    """A letter or digit of a script that separates words with spaces (CJK and kana/hangul do not)."""
+    if not (char.isalnum() or char == "_"):
+        return False
+    name = unicodedata.name(char, "")
+    return not name.startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL"))
+
+
+def _pattern(entity: str, case_sensitive: bool) -> re.Pattern[str]:
+    body = r"\s+".join(re.escape(word) for word in entity.split())
+    return re.compile(body, 0 if case_sensitive else re.IGNORECASE)
+
+
+def find_spans(
+    text: str, entity: str, *, case_sensitive: bool = True, whole_words: bool = True, start: int = 0, end: int | None = None
+) -> list[tuple[int, int]]:
+    """Every (start, end) where `entity` occurs in text[start:end], as offsets into `text`.
+
+    With `whole_words`, a match may not start or end inside a word of a spaced script ("York" is not in "Yorkshire").
+    """
+    end = len(text) if end is None else end
+    if not entity.strip():
+        return []
+    spans = []
+    for match in _pattern(entity, case_sensitive).finditer(text, start, end):
+        s, e = match.span()
+        if not whole_words:
+            spans.append((s, e))
+            continue
+        if _is_word_char(text[s]) and s > 0 and _is_word_char(text[s - 1]):
+            continue
+        if _is_word_char(text[e - 1]) and e < len(text) and _is_word_char(text[e]):
+            continue
+        spans.append((s, e))
+    return spans
+
+
+def locate(
+    text: str, answers: Iterable[tuple[str, str]], *, case_sensitive: bool = True, whole_words: bool = True, start: int = 0, end: int | None = None
+) -> tuple[list[Entity], list[dict]]:
+    """Spans of (entity string, type) answers within text[start:end]; and the answers found nowhere there."""
+    entities, unmatched = [], []
+    for entity, entity_type in answers:
+        entity = entity.strip()
+        if not entity:
+            continue
+        spans = find_spans(text, entity, case_sensitive=case_sensitive, whole_words=whole_words, start=start, end=end)
+        if not spans:
+            unmatched.append({"text": entity, "type": entity_type})
+        entities.extend({"text": text[s:e], "type": entity_type, "start": s, "end": e} for s, e in spans)
+    return entities, unmatched
+
+
+class _Disjoint:
+    """A growing set of non-overlapping spans; `add` takes a span only if it overlaps none already there."""
+
+    def __init__(self):
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> bool:
+        index = bisect.bisect_right(self.starts, start)
+        if index > 0 and self.ends[index - 1] > start:
+            return False
+        if index < len(self.starts) and self.starts[index] < end:
+            return False
+        self.starts.insert(index, start)
+        self.ends.insert(index, end)
+        return True
+
+
+def _longest_first(entities: Iterable[Entity]) -> list[Entity]:
+    return sorted(entities, key=lambda e: (e["start"] - e["end"], e["start"]))
+
+
+def merge(entities: Iterable[Entity]) -> list[Entity]:
+    """Exact duplicates removed; of overlapping spans of one type, the longest kept (the earliest on a tie).
+
+    Spans of different types may overlap: each answered its own question.
+    """
+    unique = {(e["start"], e["end"], e["type"]): e for e in entities}.values()
+    taken: dict[str, _Disjoint] = {}
+    kept = [e for e in _longest_first(unique) if taken.setdefault(e["type"], _Disjoint()).add(e["start"], e["end"])]
+    return sorted(kept, key=lambda e: (e["start"], e["end"], e["type"]))
+
+
+def merge_unmatched(unmatched: Iterable[dict]) -> list[dict]:
+    """Unmatched answers, each (text, type) once, in first-seen order."""
+    return list({(u["text"], u["type"]): u for u in unmatched}.values())
+
+
+# ---- exports ----
+
+
+def non_overlapping(entities: list[Entity]) -> list[Entity]:
+    """Longest first, then earliest: a flat set of spans for formats that cannot overlap (BIO)."""
+    taken = _Disjoint()
+    return sorted((e for e in _longest_first(entities) if taken.add(e["start"], e["end"])), key=lambda e: e["start"])
+
+
+def tokens(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each word or punctuation mark."""
+    return [m.span() for m in _TOKEN.finditer(text)]
+
+
+def _covered(starts: list[int], ends: list[int], entity: Entity) -> range:
+    """Indices of the tokens that overlap an entity, given the sorted token starts and ends."""
+    return range(bisect.bisect_right(ends, entity["start"]), bisect.bisect_left(starts, entity["end"]))
+
+
+def _token_tags(text: str, entities: list[Entity]) -> tuple[list[tuple[int, int]], list[str]]:
+    spans = tokens(text)
+    tags = ["O"] * len(spans)
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    for entity in non_overlapping(entities):
+        for n, i in enumerate(_covered(starts, ends, entity)):
+            tags[i] = ("B-" if n == 0 else "I-") + entity["type"]
+    return spans, tags
+
+
+def to_conll(doc_id: str, text: str, entities: list[Entity]) -> str:
+    """One document in CoNLL/BIO: a `# id = ...` line, then `token<TAB>tag` lines, then a blank line."""
+    spans, tags = _token_tags(text, entities)
+    lines = [f"# id = {doc_id}"] + [f"{text[s:e]}\t{tag}" for (s, e), tag in zip(spans, tags)]
+    return "\n".join(lines) + "\n\n"
+
+
+def to_spacy(doc_id: str, text: str, entities: list[Entity]) -> str:
+    """One JSON line in spaCy's offsets shape: {"id", "text", "ents": [{"start", "end", "label"}]}."""
+    ents = [{"start": e["start"], "end": e["end"], "label": e["type"]} for e in entities]
+    return json.dumps({"id": doc_id, "text": text, "ents": ents}, ensure_ascii=False) + "\n"
+
+
+def to_gliner(doc_id: str, text: str, entities: list[Entity]) -> str:
+    """One JSON line in GLiNER's training shape: tokens and [first token, last token (inclusive), label] spans."""
+    spans = tokens(text)
+    starts, ends = [s for s, _ in spans], [e for _, e in spans]
+    ner = []
+    for entity in entities:
+        inside = _covered(starts, ends, entity)
+        if inside:
+            ner.append([inside[0], inside[-1], entity["type"]])
+    return json.dumps({"id": doc_id, "tokenized_text": [text[s:e] for s, e in spans], "ner": ner}, ensure_ascii=False) + "\n"
+
+
+EXPORTS = {"conll": ("conll.txt", to_conll), "spacy": ("spacy.jsonl", to_spacy), "gliner": ("gliner.jsonl", to_gliner)}
