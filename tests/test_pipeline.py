@@ -23,3 +23,9 @@ def test_settings_in_the_file_win_and_stages_may_be_left_out(tmp_path):
     _, configs = resolve(raw, "in test")
     assert configs["build-data"].input == ["a.json"] and configs["train"].data == f"{tmp_path}/build-data"
     assert configs["evaluate"].model == f"{tmp_path}/train" and configs["evaluate"].output == str(tmp_path / "report")
+
+
+def test_a_stage_run_alone_reads_what_an_earlier_run_wrote(tmp_path):
+    raw = {"workdir": str(tmp_path), "stages": ["annotate"], "passages": {"input": "docs/", "output": str(tmp_path / "p")}}
+    _, configs = resolve(raw, "in test")
+    assert list(configs) == ["annotate"] and configs["annotate"].input == str(tmp_path / "p")

@@ -95,15 +95,19 @@ class Engine:
             self._start_transformers(model_dir, max_new_tokens, gpus)
 
     def _start_vllm(self, model_dir: str, max_new_tokens: int, gpus: float, prefix_caching: bool) -> None:
+        cpu = {}
         if not gpus:
-            # vLLM on CPU otherwise reserves a large share of RAM for its KV cache.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            from uniner.models import vllm_cpu_dtype, vllm_cpu_settings
+
+            # The KV cache bounded (vLLM on CPU otherwise takes a large share of RAM), every core, native dtype.
+            os.environ.update(vllm_cpu_settings())
+            cpu = {"dtype": vllm_cpu_dtype()}
         from vllm import LLM, SamplingParams
 
         # With a share of a GPU, vLLM may take only that share of its memory; with several, it splits the model
         # over them. On CPU, its compile warm-up takes minutes on a few cores, longer than most runs gain from it.
         placement = {"gpu_memory_utilization": 0.9 * min(gpus, 1.0), "tensor_parallel_size": max(1, int(gpus))} if gpus else {}
-        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, enforce_eager=not gpus, **placement)
+        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, enforce_eager=not gpus, **placement, **cpu)
         eos = self.llm.get_tokenizer().eos_token
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[eos] if eos else None)
 

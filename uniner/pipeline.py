@@ -18,8 +18,8 @@ from uniner.errors import UserError
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"
-# Where a stage's settings come from when its section does not set them: an earlier stage's output in the same
-# run, or the corpus (the sample corpus, else the passages stage's input).
+# Where a stage's settings come from when its section does not set them: an earlier stage's output (from this run
+# or an earlier one), or the corpus (the sample corpus, else the passages stage's input).
 SOURCES = {
     "passages": {"input": "corpus"},
     "annotate": {"input": "passages"},
@@ -53,7 +53,8 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
     pipeline.check()
     workdir = storage.locate(pipeline.workdir, s3_endpoint_url=pipeline.s3_endpoint_url)
     configs: dict[str, Any] = {}
-    outputs: dict[str, str] = {}
+    # Every stage's output, whether or not it runs this time: a stage run alone reads what an earlier run wrote.
+    outputs = {name: str((raw.get(name) or {}).get("output") or workdir.join(name).uri) for name in STAGE_CONFIGS}
     if pipeline.sample_corpus_docs:
         outputs["corpus"] = workdir.join("corpus").uri
     elif isinstance(raw.get("passages"), dict) and raw["passages"].get("input"):
