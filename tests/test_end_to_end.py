@@ -21,12 +21,21 @@ def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.put_object(Bucket=bucket, Key="eval/news/dev.txt",
                       Body=b"Maria\tB-person\nKeller\tI-person\nflew\tO\nto\tO\nBerlin\tB-location\n.\tO\n")
+    # The stand-in teacher (a 135M model) rarely answers in the teacher format, so a tiny labelled seed set goes
+    # into build-data beside its annotations: training always has something to learn from.
+    seed = [{"id": f"seed-{i}", "conversations": [
+        {"from": "human", "value": f"Text: {person} opened an office in {city}."}, {"from": "gpt", "value": "I've read this text."},
+        {"from": "human", "value": "What describes person in the text?"}, {"from": "gpt", "value": json.dumps([person])},
+        {"from": "human", "value": "What describes location in the text?"}, {"from": "gpt", "value": json.dumps([city])}]}
+        for i, (person, city) in enumerate([("Maria Keller", "Berlin"), ("Chen Wei", "Osaka")])]
+    client.put_object(Bucket=bucket, Key="seed/train.json", Body=json.dumps(seed).encode())
     workdir = f"{s3_bucket}/run"
     config = {
         "workdir": workdir, "s3_endpoint_url": s3_endpoint, "sample_corpus_docs": 12,
         "stand_in_teacher": "smollm2-135m-instruct", "stages": STAGES,
         "passages": {"sample_size": 12},
         "annotate": {"max_tokens": 128, "num_actors": 1, "cache": "off"},
+        "build-data": {"input": [f"{workdir}/annotate", f"{s3_bucket}/seed/train.json"], "drop_entities_not_in_text": False},
         "train": {"max_steps": 2, "batch_size": 2, "max_length": 384, "cpus_per_worker": 1},
         "extract": {"types": ["person", "location"], "max_new_tokens": 24},
         "evaluate": {"data": [f"{s3_bucket}/eval/news/dev.txt"], "max_new_tokens": 24},

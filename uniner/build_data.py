@@ -373,6 +373,11 @@ def run(config: BuildDataConfig) -> dict[str, Any]:
             outputs.setdefault(name, []).extend(records)
         reports.append(report)
         log.info("%s (%s): %d records", uri, report["input_kind"], sum(len(r) for r in built.values()))
+    if not any(outputs.values()):
+        skipped = "; ".join(f"{what} {n}" for report in reports for what, n in report["counts"].items())
+        raise UserError(f"no conversation could be built from {', '.join(config.input)} ({skipped or 'no records'}): "
+                        "check the input, or keep entities the teacher placed outside their passage with "
+                        "--drop-entities-not-in-text false")
     for name, records in outputs.items():
         storage.write_text(output.join(name), dump_records(records))
         log.info("wrote %d records to %s", len(records), output.join(name))

@@ -104,6 +104,9 @@ def _rejected(table: pa.Table) -> pa.Table:
 def data_stats(tokens) -> dict[str, Any]:
     """Counts over the tokenized conversations (small columns only come back to the driver)."""
     frame = tokens.select_columns(["reason", "n_tokens", "n_label_tokens", "turns_cut"]).to_pandas()
+    if frame.empty:
+        raise UserError("the data holds no conversations: check the output of `uniner build-data` (its _summary.json "
+                        "says what was skipped and why)")
     kept = frame[frame["reason"].isna()]
     return {
         "conversations_read": len(frame),
