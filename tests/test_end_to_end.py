@@ -1,4 +1,5 @@
-"""The whole pipeline through the CLI, as the main job runs it but smaller, with every location on the local S3 server."""
+"""The whole pipeline through the CLI, as the main job runs it but smaller, with the document lake, the seed data and
+the evaluation data on the local S3 server (the stages' outputs stay on local disk: checkpoints on moto are slow)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import yaml
 
 from conftest import run_cli
 from uniner import storage
+from uniner.corpus import write_sample_corpus
 
 STAGES = ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
 
@@ -29,11 +31,13 @@ def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
         {"from": "human", "value": "What describes location in the text?"}, {"from": "gpt", "value": json.dumps([city])}]}
         for i, (person, city) in enumerate([("Maria Keller", "Berlin"), ("Chen Wei", "Osaka")])]
     client.put_object(Bucket=bucket, Key="seed/train.json", Body=json.dumps(seed).encode())
-    workdir = f"{s3_bucket}/run"
+    lake = f"{s3_bucket}/lake"
+    write_sample_corpus(lake, documents=12, files=2, s3_endpoint_url=s3_endpoint)
+    workdir = str(tmp_path / "run")
     config = {
-        "workdir": workdir, "s3_endpoint_url": s3_endpoint, "sample_corpus_docs": 12,
+        "workdir": workdir, "s3_endpoint_url": s3_endpoint,
         "stand_in_teacher": "smollm2-135m-instruct", "stages": STAGES,
-        "passages": {"sample_size": 12},
+        "passages": {"input": lake, "sample_size": 12},
         "annotate": {"max_tokens": 128, "num_actors": 1, "cache": "off"},
         "build-data": {"input": [f"{workdir}/annotate", f"{s3_bucket}/seed/train.json"], "drop_entities_not_in_text": False},
         "train": {"max_steps": 2, "batch_size": 2, "max_length": 384, "cpus_per_worker": 1},
