@@ -333,6 +333,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                       f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s", flush=True)
             if kill_step and state["step"] == int(kill_step) and rank == context.get_world_size() - 1 and not os.path.exists(kill_marker):
                 Path(kill_marker).touch()
+                # The controller takes the workers' reports on its own schedule: wait past it, so that the crash comes
+                # after the last checkpoint is registered, as a crash in a real run would.
+                time.sleep(10)
                 os._exit(1)
             if state["step"] == total or (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
                 report(output, model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer, state=state, rank=rank, config=config)
