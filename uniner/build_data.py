@@ -202,7 +202,8 @@ def from_annotations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str, 
 # ---------------------------------------------------------------- conversation files
 
 
-def _load_records(location: storage.Location) -> list[Any]:
+def load_records(location: storage.Location) -> list[Any]:
+    """Records of a `.json` list or a `.jsonl` file of the Pile-NER shape; a file that is neither is a UserError."""
     text = storage.read_text(location)
     try:
         if location.path.endswith(".jsonl"):
@@ -248,7 +249,7 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
     location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
     counts: Counter = Counter()
     records, mentions = [], Counter()
-    for number, raw in enumerate(_load_records(location)):
+    for number, raw in enumerate(load_records(location)):
         record = check_conversation(raw, f"{location} record {number} (id {raw.get('id') if isinstance(raw, dict) else '?'})", counts)
         if record is None:
             continue

@@ -25,10 +25,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from uniner import bio, storage
-from uniner.build_data import check_conversation, dataset_name_of, eval_queries
+from uniner.build_data import check_conversation, dataset_name_of, eval_queries, load_records
 from uniner.config import EvaluateConfig
 from uniner.errors import UserError
-from uniner.formats import OFFICIAL_LIST, answer_text, parse_answer_lenient
+from uniner.formats import answer_text, official_list, parse_answer_lenient
 
 log = logging.getLogger("uniner.evaluate")
 
@@ -57,10 +57,8 @@ def official_items(text: str) -> list:
     script, which wraps the whole parse in one `except Exception`.
     """
     try:
-        match = OFFICIAL_LIST.match(text)
-        items = json.loads(match.group() if match else "[]")
         found: list = []
-        for item in items:
+        for item in official_list(text):
             item = tuple(normalize(e) for e in item) if isinstance(item, (list, tuple)) else normalize(item)
             if item not in found:
                 found.append(item)
@@ -113,13 +111,7 @@ def _sampled(keys: list[str], n: int, seed: int) -> set[str]:
 
 
 def _from_conversations(location: storage.Location, name: str, config: EvaluateConfig) -> list[Query]:
-    text = storage.read_text(location)
-    try:
-        records = [json.loads(l) for l in text.splitlines() if l.strip()] if location.path.endswith(".jsonl") else json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{location}: not valid JSON (line {error.lineno}: {error.msg})") from None
-    if not isinstance(records, list):
-        raise UserError(f"{location}: expected a JSON list of {{id, conversations}} evaluation records")
+    records = load_records(location)
     keep = _sampled([str(r.get("id")) for r in records if isinstance(r, dict)], config.sample_per_dataset, config.seed)
     queries = []
     for number, record in enumerate(records):

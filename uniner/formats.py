@@ -107,7 +107,12 @@ def answer_text(output: str) -> str:
 
 def parse_answer(output: str) -> list:
     """The official parser: the JSON list at the start of the answer, or [] on any failure. Items are as decoded."""
-    match = OFFICIAL_LIST.match(answer_text(output))
+    return official_list(answer_text(output))
+
+
+def official_list(text: str) -> list:
+    """The JSON list that `text` starts with (one line, up to the first `]`), or [] on any failure."""
+    match = OFFICIAL_LIST.match(text)
     try:
         items = json.loads(match.group() if match else "[]")
     except (ValueError, RecursionError):
