@@ -240,9 +240,10 @@ def score_dataset(queries: list[Query], outputs: dict[tuple[str, str], str]) -> 
         predicted = official_items(answer_text(output))
         official.add(predicted, gold)
         per_type[query.entity_type].add(predicted, gold)
-        lenient.add(list(dict.fromkeys(normalize(s) for s in parse_answer_lenient(output))), gold)
+        strings = parse_answer_lenient(output)
+        lenient.add(list(dict.fromkeys(normalize(s) for s in strings)), gold)
         if has_spans:
-            spans = set().union(*(_token_occurrences(query.text, s) for s in parse_answer_lenient(output)))
+            spans = set().union(*(_token_occurrences(query.text, s) for s in strings))
             span.add(list(spans), list(query.gold_spans))
     return {
         **official.scores(),
