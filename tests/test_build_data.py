@@ -138,6 +138,29 @@ def test_several_inputs_are_concatenated(tmp_path, shared_data):
     assert [r["input_kind"] for r in summary["inputs"]] == ["conversations", "bio"] and summary["files"] == {"conversations.json": 883}
 
 
+def test_input_shares_keep_a_seeded_sample_of_each_input_in_order(tmp_path, shared_data):
+    source = shared_data / "pile-ner-sample" / "pile_ner_type_sample.json"
+    bio_file = tmp_path / "x.txt"
+    bio_file.write_text("".join(f"W{i}\tB-person\n\n" for i in range(40)))
+
+    def built(shares, seed=0):
+        config = BuildDataConfig(input=[str(source), str(bio_file)], output=str(tmp_path / f"out-{shares}-{seed}"),
+                                 input_shares=shares, seed=seed)
+        config.check()
+        summary = run(config)
+        return json.loads((tmp_path / f"out-{shares}-{seed}" / "conversations.json").read_text()), summary
+
+    records, summary = built(["1", "0.25"])
+    texts = [r["conversations"][0]["value"] for r in records[882:]]
+    assert records[:882] == json.loads(source.read_text()) and len(texts) == 10
+    assert texts == sorted(texts, key=lambda t: int(t.split("W")[1]))  # original order kept
+    assert summary["inputs"][1]["counts"]["records left out by --input-shares"] == 30
+    assert built([1, 0.25])[0] == records and built([1, 0.25], seed=1)[0] != records
+    for bad in (["0.5"], ["1", "0"], ["1", "x"]):
+        with pytest.raises(UserError, match="--input-shares"):
+            BuildDataConfig(input=[str(source), str(bio_file)], output="o", input_shares=bad).check()
+
+
 def test_conversation_files_are_validated(tmp_path):
     good = {"id": "a", "conversations": [{"from": "human", "value": "Text: Paris."}, ACK,
                                          {"from": "human", "value": "What describes city in the text?"},

@@ -96,6 +96,25 @@ def test_length_grouped_batches_keep_every_row_and_pad_little():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7]]
 
 
+def test_answer_loss_equals_the_full_logits_loss_and_its_gradient(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [(np.arange(3, 3 + n), np.array([0] * (n - k) + [1] * k, np.int8)) for n, k in [(12, 4), (7, 2), (9, 0)]]
+    batch = collate(rows, pad_id=0)
+    items = torch.tensor(6.0)
+    inputs = {name: torch.from_numpy(value) for name, value in batch.items()}
+    full = model(**inputs, num_items_in_batch=items, use_cache=False).loss
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    kept = train.answer_loss(model, batch, device=torch.device("cpu"), items=items)
+    kept.backward()
+    assert torch.allclose(kept, full, atol=1e-6)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
+
+
 # ---- Ray Train runs ----
 
 

@@ -344,6 +344,13 @@ def build(uri: str, config: BuildDataConfig) -> tuple[dict[str, list[dict[str, A
     return outputs, {"input": uri, "input_kind": kind, **report}
 
 
+def keep_share(records: list[dict[str, Any]], share: float, *, seed: int, key: str) -> list[dict[str, Any]]:
+    """A seeded sample of `share` of the records, in their original order; the same for the same seed and input."""
+    rng = np.random.default_rng([seed, _stable_int(key)])
+    kept = rng.choice(len(records), size=round(share * len(records)), replace=False)
+    return [records[i] for i in sorted(kept)]
+
+
 def dump_records(records: list[dict[str, Any]]) -> str:
     """A JSON list with one record per line: valid `train.json`, and readable with `head`."""
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
@@ -368,8 +375,13 @@ def run(config: BuildDataConfig) -> dict[str, Any]:
     storage.prepare_output(output, overwrite=config.overwrite)
     outputs: dict[str, list[dict[str, Any]]] = {}
     reports = []
-    for uri in config.input:
+    for index, uri in enumerate(config.input):
         built, report = build(uri, config)
+        if config.input_shares and config.input_shares[index] < 1:  # statistics stay those of the whole input
+            before = sum(map(len, built.values()))
+            built = {name: keep_share(records, config.input_shares[index], seed=config.seed, key=uri)
+                     for name, records in built.items()}
+            report["counts"]["records left out by --input-shares"] = before - sum(map(len, built.values()))
         for name, records in built.items():
             outputs.setdefault(name, []).extend(records)
         reports.append(report)

@@ -136,11 +136,20 @@ class BuildDataConfig(StageConfig):
     bio_column_order: str = setting("auto", "Column order of BIO files: auto (from the first line), token-tag (CrossNER/CoNLL) or tag-token (MIT).")
     eval_queries: bool = setting(False, "BIO input: write evaluation queries, one conversation per (sentence, type).")
     merge_type_variants: bool = setting(False, "Merge case and plural variants of a type, and report the merges.")
-    seed: int = setting(0, "Seed of negative sampling.")
+    input_shares: list = setting([], "Share of each input's records to keep, in input order (a seeded sample, e.g. 1,0.2 keeps all of the first input and a fifth of the second); empty keeps everything.")
+    seed: int = setting(0, "Seed of negative sampling and of --input-shares.")
 
     def check(self) -> None:
         if not self.input:
             raise UserError("missing --input: give annotations, a conversations file or BIO files")
+        if self.input_shares:
+            try:
+                self.input_shares = [float(share) for share in self.input_shares]
+            except ValueError:
+                raise UserError(f"--input-shares must be numbers between 0 and 1, got {self.input_shares}") from None
+            if len(self.input_shares) != len(self.input) or not all(0 < share <= 1 for share in self.input_shares):
+                raise UserError(f"--input-shares needs one share in (0, 1] per input ({len(self.input)} inputs), "
+                                f"got {self.input_shares}")
         _require(self.output, "output", "where to write the conversations")
         if self.input_kind not in ("auto", "annotations", "conversations", "bio"):
             raise UserError(f"unknown --input-kind {self.input_kind!r}: use auto, annotations, conversations or bio")

@@ -193,6 +193,26 @@ def _all_reduce(values: list[float]):
     return totals.cpu().tolist()
 
 
+def answer_loss(model, batch: dict, *, device, items):
+    """Summed next-token cross-entropy over the answer tokens of one micro-batch, divided by `items`.
+
+    Only the positions that predict an answer token go through the LM head (`logits_to_keep`): answers are about a
+    sixth of the tokens, and on CPU the vocabulary-wide logits and their softmax are a large share of a step. The
+    value equals the Hugging Face loss with `num_items_in_batch=items`.
+    """
+    import torch
+
+    labels = torch.from_numpy(batch["labels"]).to(device)
+    predicting = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # position p predicts token p + 1
+    logits = model(input_ids=torch.from_numpy(batch["input_ids"]).to(device),
+                   attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
+                   logits_to_keep=predicting, use_cache=False).logits
+    targets = labels[:, predicting + 1]
+    loss_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+    return loss_sum / items
+
+
 def train_step(model, optimizer, scheduler, group: list[dict], *, device, bf16: bool, max_grad_norm: float) -> dict[str, float]:
     """One optimizer step over micro-batches: the loss is the mean over every answer token of the global step."""
     import torch
@@ -211,9 +231,8 @@ def train_step(model, optimizer, scheduler, group: list[dict], *, device, bf16: 
         last = index == len(group) - 1
         no_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
-            inputs = {name: torch.from_numpy(value).to(device) for name, value in batch.items()}
             with autocast:
-                loss = model(**inputs, num_items_in_batch=items, use_cache=False).loss
+                loss = answer_loss(model, batch, device=device, items=items)
             loss.backward()
         loss_sum += float(loss.detach())
     if max_grad_norm > 0 and hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over all shards
