@@ -1,11 +1,15 @@
 """Zero-shot F1 on the dev benchmark: CrossNER dev of five domains and fixed samples of MIT Movie and MIT Restaurant
 train (the seven sets of the zero-shot mean), plus CoNLL-2003 test reported apart (students may train on CoNLL).
 
-    python benchmarks/evaluate_dev.py [--models smollm2-135m-instruct,PATH/TO/STUDENT] [--sample 200]
+    python benchmarks/evaluate_dev.py [--models smollm2-135m-instruct,PATH/TO/STUDENT] [--sample 100]
+    python benchmarks/evaluate_dev.py --models smollm2-135m-instruct \\
+        --predictions student=uniner-out/cpu-student/evaluate/predictions.jsonl --sample 100
 
-Every model runs through `uniner evaluate` (the extraction engine, the official protocol) on the same queries in one
-run; prints one table (official F1 per set, the mean of the seven) and, last, `dev_mean_f1: <figure>` for the last
-model. Reports per model land in --workdir. Needs ../shared/data beside the project.
+Every model runs through `uniner evaluate` (the extraction engine, the official protocol) on the same queries;
+`--predictions LABEL=FILE` scores answers a `uniner evaluate` run already made on the same sets and sample (the
+evaluate stage of jobs/cpu-student.yaml, say) instead of running the model again. Prints one table (official F1 per
+set, the mean of the seven) and, last, `dev_mean_f1: <figure>` for the last row; writes the table as dev.md and a
+chart as dev.png to --workdir, and each row's full report below it. Needs ../shared/data beside the project.
 """
 
 from __future__ import annotations
@@ -20,36 +24,87 @@ ZERO_SHOT = ["crossner/ai/dev.txt", "crossner/literature/dev.txt", "crossner/mus
 APART = ["crossner/conll2003/test.txt"]
 
 
+def evaluate_row(index: int, *, model: str = "", predictions: str = "", args) -> dict[str, float]:
+    """Official F1 per set for one model or one predictions file."""
+    from uniner import evaluate
+    from uniner.config import EvaluateConfig
+
+    config = EvaluateConfig(data=[str(SHARED / f) for f in ZERO_SHOT + APART], model=model, predictions=predictions,
+                            overwrite=True, output=os.path.join(args.workdir, f"row-{index}"), sample_per_dataset=args.sample,
+                            max_new_tokens=args.max_new_tokens)
+    config.check()
+    summary = evaluate.run(config)
+    if summary["unknown_predictions"] or any(s["missing_predictions"] for s in summary["datasets"].values()):
+        raise SystemExit(f"{predictions} was not made on these sets with --sample {args.sample}: "
+                         "rerun it, or give the sample it was made with")
+    return {name: 100 * scores["f1"] for name, scores in summary["datasets"].items()}
+
+
+def table(rows: dict[str, dict[str, float]], names: list[str], zero_shot: list[str]) -> str:
+    header = "| model | " + " | ".join(names) + " | zero-shot mean (7) |"
+    lines = [header, "|" + " --- |" * (len(names) + 2)]
+    for label, scores in rows.items():
+        mean = sum(scores[n] for n in zero_shot) / len(zero_shot)
+        lines.append(f"| {label} | " + " | ".join(f"{scores[n]:.1f}" for n in names) + f" | **{mean:.1f}** |")
+    return "\n".join(lines)
+
+
+def chart(rows: dict[str, dict[str, float]], names: list[str], zero_shot: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = names + ["zero-shot mean"]
+    width = 0.8 / len(rows)
+    figure, axes = plt.subplots(figsize=(1.2 * len(columns) + 2, 4))
+    for index, (label, scores) in enumerate(rows.items()):
+        values = [scores[n] for n in names] + [sum(scores[n] for n in zero_shot) / len(zero_shot)]
+        axes.bar([i + index * width for i in range(len(columns))], values, width=width, label=label)
+    axes.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(columns))], columns, rotation=30, ha="right")
+    axes.set_ylabel("F1 (%), official protocol")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="smollm2-135m-instruct", help="Comma-separated model specs, base first.")
-    parser.add_argument("--sample", type=int, default=200, help="Sentences per set (a fixed seeded sample; 0: all).")
+    parser.add_argument("--models", default="smollm2-135m-instruct", help="Comma-separated model specs to run, base first.")
+    parser.add_argument("--predictions", action="append", default=[], metavar="LABEL=FILE",
+                        help="predictions.jsonl of an earlier `uniner evaluate` run on the same sets and sample; repeatable.")
+    parser.add_argument("--sample", type=int, default=100, help="Sentences per set (a fixed seeded sample; 0: all).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--workdir", default="/tmp/uniner-bench-evaluate-dev")
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED}: place ../shared/data beside the project")
+    scored = []
+    for item in args.predictions:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            raise SystemExit(f"--predictions {item!r}: write LABEL=FILE with an existing predictions.jsonl")
+        scored.append((label, path))
 
-    from uniner import evaluate
-    from uniner.config import EvaluateConfig
-
-    models = [m for m in args.models.split(",") if m]
-    rows = {}
-    for index, model in enumerate(models):
-        config = EvaluateConfig(data=[str(SHARED / f) for f in ZERO_SHOT + APART], model=model, overwrite=True,
-                                output=os.path.join(args.workdir, f"model-{index}"), sample_per_dataset=args.sample,
-                                max_new_tokens=args.max_new_tokens)
-        config.check()
-        summary = evaluate.run(config)
-        rows[model] = {name: scores["f1"] for name, scores in summary["datasets"].items()}
+    rows: dict[str, dict[str, float]] = {}
+    for model in [m for m in args.models.split(",") if m]:
+        rows[model] = evaluate_row(len(rows), model=model, args=args)
+    for label, path in scored:
+        rows[label] = evaluate_row(len(rows), predictions=path, args=args)
+    if not rows:
+        raise SystemExit("nothing to evaluate: give --models or --predictions")
     names = list(next(iter(rows.values())))
     zero_shot = names[: len(ZERO_SHOT)]
+    markdown = table(rows, names, zero_shot)
+    Path(args.workdir, "dev.md").write_text(markdown + "\n")
+    chart(rows, names, zero_shot, os.path.join(args.workdir, "dev.png"))
     print(f"\nofficial protocol, strict F1 (%), {args.sample or 'all'} sentences per set; conll2003-test is trained-on data")
-    print("model".ljust(40) + "".join(n[:14].rjust(15) for n in names) + "  zero-shot mean")
-    for model, scores in rows.items():
-        mean = sum(scores[n] for n in zero_shot) / len(zero_shot)
-        print(model[-40:].ljust(40) + "".join(f"{100 * scores[n]:15.1f}" for n in names) + f"{100 * mean:16.1f}")
-    print(f"dev_mean_f1: {100 * sum(rows[models[-1]][n] for n in zero_shot) / len(zero_shot):.1f}")
+    print(markdown)
+    print(f"(table in {args.workdir}/dev.md, chart in {args.workdir}/dev.png)")
+    last = rows[list(rows)[-1]]
+    print(f"dev_mean_f1: {sum(last[n] for n in zero_shot) / len(zero_shot):.1f}")
 
 
 if __name__ == "__main__":
