@@ -1,13 +1,16 @@
 """`uniner train` step time under Ray Train against the same loop without Ray, and the padding left by
 length-grouped batches, on the built-in student and the Pile-NER sample (a realistic mix of conversation lengths).
 
-    python benchmarks/train_throughput.py [--steps 8] [--workdir /tmp/uniner-bench-train]
+    python benchmarks/train_throughput.py [--steps 10] [--workdir /tmp/uniner-bench-train]
 
-Both sides train the built-in model on the same tokenized conversations with the same micro-batches, `train_step`,
-optimizer and schedule, fp32 on the same number of CPU threads; Ray Train runs one worker that streams its shard
-from Ray Data. A step's time includes fetching its batches. The first `--skip` steps (warm-up) are left out and the
-median of the rest is compared. Prints a table, then `nonpad_token_share: <share>` (real tokens over all tokens of the
-micro-batches of one epoch) and, last, `ray_train_overhead: <ratio>` (Ray median step time / plain median).
+Both sides train the built-in model on the same tokenized conversations with the same `train_step`, optimizer and
+schedule, fp32 on the same number of CPU threads; Ray Train runs one worker that streams its shard from Ray Data. A
+step's time includes fetching its batches. Step times follow the lengths of the conversations drawn, and the two
+sides draw them in different orders, so the sides are compared per real (non-padding) token: seconds over tokens,
+summed over the steps after the first `--skip` (warm-up). The plain loop runs before and after Ray Train and the two
+runs are pooled, so a drift in the machine's speed hits both sides alike. Prints a table, then
+`nonpad_token_share: <share>` (real tokens over all tokens of the micro-batches of one epoch) and, last,
+`ray_train_overhead: <ratio>` (Ray seconds per real token / plain seconds per real token).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def nonpad_share(rows: list[tuple], *, batch_size: int, window: int, pad_id: int
     return real / total
 
 
-def plain_loop(config, rows: list[tuple], *, steps: int, threads: int) -> list[float]:
+def plain_loop(config, rows: list[tuple], *, steps: int, threads: int) -> list[tuple[float, int]]:
     """The worker's loop without Ray: same model loading, batches, step function, optimizer and schedule."""
     import torch
     from transformers import get_scheduler
@@ -75,20 +78,25 @@ def plain_loop(config, rows: list[tuple], *, steps: int, threads: int) -> list[f
     scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=round(steps * config.warmup_ratio), num_training_steps=steps)
     batches = micro_batches(windows(rows, config.batch_size * config.length_window), batch_size=config.batch_size,
                             rng=random.Random(0), pad_id=tokenizer.pad_token_id)
-    seconds = []
+    timed = []
     for step in range(steps):
         started = time.perf_counter()
         group = [next(batches) for _ in range(config.grad_accum)]
         result = train_step(model, optimizer, scheduler, group, device=torch.device("cpu"), bf16=False, max_grad_norm=config.max_grad_norm)
-        seconds.append(time.perf_counter() - started)
-        print(f"plain loop: step {step + 1}/{steps} loss {result['loss']:.4f} {seconds[-1]:.2f} s", flush=True)
-    return seconds
+        timed.append((time.perf_counter() - started, result["tokens"]))
+        print(f"plain loop: step {step + 1}/{steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True)
+    return timed
+
+
+def per_token(timed: list[tuple[float, int]]) -> float:
+    """Seconds per real token over the given steps."""
+    return sum(s for s, _ in timed) / sum(n for _, n in timed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="Optimizer steps on each side.")
-    parser.add_argument("--skip", type=int, default=2, help="First steps left out of the medians (warm-up).")
+    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps on each side.")
+    parser.add_argument("--skip", type=int, default=3, help="First steps left out (warm-up).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process on both sides.")
     parser.add_argument("--workdir", default="/tmp/uniner-bench-train")
@@ -114,23 +122,31 @@ def main() -> None:
     grouped = nonpad_share(rows, batch_size=config.batch_size, window=config.length_window, pad_id=tokenizer.pad_token_id)
     ungrouped = nonpad_share(rows, batch_size=config.batch_size, window=1, pad_id=tokenizer.pad_token_id)
 
-    plain = plain_loop(config, rows, steps=args.steps, threads=args.threads)
+    before = plain_loop(config, rows, steps=args.steps, threads=args.threads)
     started = time.perf_counter()
     train.run(config)
     ray_wall = time.perf_counter() - started
-    ray_steps = [json.loads(line)["seconds"] for line in (work / "out" / train.METRICS_FILE).read_text().splitlines()]
-    plain_median, ray_median = statistics.median(plain[args.skip :]), statistics.median(ray_steps[args.skip :])
+    after = plain_loop(config, rows, steps=args.steps, threads=args.threads)
+    metrics = [json.loads(line) for line in (work / "out" / train.METRICS_FILE).read_text().splitlines()]
+    ray_steps = [(m["seconds"], m["tokens"]) for m in metrics]
+    plain = before[args.skip :] + after[args.skip :]
+    plain_rate, ray_rate = per_token(plain), per_token(ray_steps[args.skip :])
+
+    def row(name: str, timed: list[tuple[float, int]]) -> str:
+        steps = " ".join(f"{s:.1f}" for s, _ in timed)
+        return f"| {name} | {1000 * per_token(timed[args.skip:]):.2f} | {statistics.median(s for s, _ in timed[args.skip:]):.2f} | {steps} |"
 
     print(f"\n{len(rows)} conversations of the Pile-NER sample, {BUILTIN_MODEL}, batch {config.batch_size}, fp32, "
           f"{args.threads} threads, {args.steps} steps (first {args.skip} left out)")
     print(f"| batching | non-padding token share |\n| --- | --- |")
     print(f"| random order | {ungrouped:.3f} |\n| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |")
-    print(f"\n| loop | median step s | steps s |\n| --- | --- | --- |")
-    print(f"| plain, no Ray | {plain_median:.2f} | {' '.join(f'{s:.1f}' for s in plain)} |")
-    print(f"| Ray Train, 1 worker | {ray_median:.2f} | {' '.join(f'{s:.1f}' for s in ray_steps)} |")
+    print(f"\n| loop | ms per real token | median step s | steps s |\n| --- | --- | --- | --- |")
+    print(row("plain, no Ray (before)", before))
+    print(row("Ray Train, 1 worker", ray_steps))
+    print(row("plain, no Ray (after)", after))
     print(f"(the Ray stage took {ray_wall:.0f} s end to end, with tokenization, worker start and the final checkpoint)\n")
     print(f"nonpad_token_share: {grouped:.3f}")
-    print(f"ray_train_overhead: {ray_median / plain_median:.3f}")
+    print(f"ray_train_overhead: {ray_rate / plain_rate:.3f}")
 
 
 if __name__ == "__main__":

@@ -230,11 +230,15 @@ class Progress:
 def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, progress: Progress) -> None:
     """Send every passage of `todo` to the teacher and store the results as they arrive."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from uniner.session import init_ray
 
     init_ray()
-    limiter = ray.remote(num_cpus=0)(RateLimiter).options(name=f"uniner-annotate-limit-{uuid.uuid4().hex[:8]}").remote(
+    # The limiter lives on the driver's node: a worker node lost mid-run must not take the job-wide limit with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    limiter = ray.remote(num_cpus=0)(RateLimiter).options(name=f"uniner-annotate-limit-{uuid.uuid4().hex[:8]}",
+                                                          scheduling_strategy=here).remote(
         config.requests_per_minute, config.tokens_per_minute
     )
     # Blocks of a few batches each: an actor then runs several batches at once, each with its requests in flight.
