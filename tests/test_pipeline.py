@@ -29,3 +29,20 @@ def test_a_stage_run_alone_reads_what_an_earlier_run_wrote(tmp_path):
     raw = {"workdir": str(tmp_path), "stages": ["annotate"], "passages": {"input": "docs/", "output": str(tmp_path / "p")}}
     _, configs = resolve(raw, "in test")
     assert list(configs) == ["annotate"] and configs["annotate"].input == str(tmp_path / "p")
+
+
+def test_dry_run_of_a_fresh_recipe_plans_every_stage(tmp_path):
+    from conftest import run_cli
+
+    train_json = tmp_path / "train.json"
+    train_json.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "Text: Ada"}, {"from": "gpt", "value": "ok"}, '
+                          '{"from": "human", "value": "What describes person in the text?"}, {"from": "gpt", "value": "[\\"Ada\\"]"}]}]')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"workdir: {tmp_path}/run\nstages: [build-data, train, evaluate]\nbuild-data: {{input: [{train_json}]}}\n"
+                      f"evaluate: {{data: [{tmp_path}/dev.txt]}}\n")
+    result = run_cli("pipeline", str(recipe), "--dry-run", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"write conversations.json and _summary.json to {tmp_path}/run/build-data" in result.stdout
+    assert "(reads the output of build-data, written first)" in result.stdout
+    assert "(reads the output of train, written first)" in result.stdout
+    assert not (tmp_path / "run").exists()

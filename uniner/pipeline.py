@@ -90,13 +90,19 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         print(yaml.safe_dump(to_dict(pipeline), sort_keys=False).rstrip())
         if pipeline.sample_corpus_docs:
             print(f"- write a sample corpus of {pipeline.sample_corpus_docs} documents to {pipeline.workdir}/corpus")
+        pending = set()  # stages of this run whose output does not exist yet
         for name, config in configs.items():
+            waits_on = [source for source in SOURCES[name].values() if source in pending]
             if _finished(config):
                 print(f"# {name}: finished earlier ({config.output}/{SUMMARY_FILE}); would be skipped")
             elif name == pipeline.stages[0] and pipeline.sample_corpus_docs:
                 _print_dry_run(name, config, ["(input is the sample corpus written first)"])
+            elif waits_on:
+                _print_dry_run(name, config, [f"(reads the output of {', '.join(waits_on)}, written first)"])
             else:
                 _print_dry_run(name, config, modules[name].plan(config))
+            if not _finished(config):
+                pending.add(name)
         return 0
     if pipeline.sample_corpus_docs:
         _ensure_corpus(pipeline)
