@@ -341,9 +341,10 @@ def test_kill_halfway_then_rerun_stores_every_passage_once(tmp_path, worker_env,
             "--requests-per-minute", "600", "--cache", "off"]
     job = subprocess.Popen([sys.executable, "-m", "uniner", *args], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 3:
+    deadline = time.time() + 600  # a fresh Ray and its actor start slowly on a loaded machine
+    while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 3 and job.poll() is None:
         time.sleep(0.2)
+    assert job.poll() is None, "the job ended before it could be killed: " + job.stdout.read()[-2000:]
     os.killpg(job.pid, signal.SIGKILL)  # the job's own process group: the driver and the Ray it started
     job.wait()
     time.sleep(2)  # let any request still on the wire finish
