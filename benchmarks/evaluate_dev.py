@@ -52,24 +52,11 @@ def table(rows: dict[str, dict[str, float]], names: list[str], zero_shot: list[s
 
 
 def chart(rows: dict[str, dict[str, float]], names: list[str], zero_shot: list[str], path: str) -> None:
-    import matplotlib
+    from uniner.evaluate import f1_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = names + ["zero-shot mean"]
-    width = 0.8 / len(rows)
-    figure, axes = plt.subplots(figsize=(1.2 * len(columns) + 2, 4))
-    for index, (label, scores) in enumerate(rows.items()):
-        values = [scores[n] for n in names] + [sum(scores[n] for n in zero_shot) / len(zero_shot)]
-        axes.bar([i + index * width for i in range(len(columns))], values, width=width, label=label)
-    axes.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(columns))], columns, rotation=30, ha="right")
-    axes.set_ylabel("F1 (%), official protocol")
-    axes.set_ylim(0, 100)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    series = {label: [scores[n] for n in names] + [sum(scores[n] for n in zero_shot) / len(zero_shot)]
+              for label, scores in rows.items()}
+    f1_bars(names + ["zero-shot mean"], series, path)
 
 
 def main() -> None:

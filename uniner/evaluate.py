@@ -299,28 +299,33 @@ def _reference_rows(report: dict[str, Any]) -> dict[str, Any]:
             "rows": {m: [REFERENCE_F1[m][reference_domain(n)] for n in names] for m in REFERENCE_F1}}
 
 
-def report_chart(report: dict[str, Any], path: str) -> None:
-    """Bars of F1 per dataset (and the average), with the paper's rows beside ours where the domain matches."""
+def f1_bars(columns: list[str], series: dict[str, list[float]], path: str) -> None:
+    """A grouped bar chart of F1 (%): one group per column, one bar per series (NaN leaves a gap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["datasets"]) + ["average"]
-    series = {report["subject"]: [100 * report["datasets"][n]["f1"] for n in names[:-1]] + [100 * report["average_f1"]]}
-    for model, values in REFERENCE_F1.items():
-        series[model] = [values.get(reference_domain(n) or "", float("nan")) for n in names[:-1]] + [float("nan")]
     width = 0.8 / len(series)
-    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(columns)), 4))
     for index, (label, values) in enumerate(series.items()):
-        axes.bar([i + index * width for i in range(len(names))], values, width=width, label=label)
-    axes.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+        axes.bar([i + index * width for i in range(len(columns))], values, width=width, label=label)
+    axes.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(columns))], columns, rotation=30, ha="right")
     axes.set_ylabel("F1 (%), official protocol")
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def report_chart(report: dict[str, Any], path: str) -> None:
+    """Bars of F1 per dataset (and the average), with the paper's rows beside ours where the domain matches."""
+    names = list(report["datasets"])
+    series = {report["subject"]: [100 * report["datasets"][n]["f1"] for n in names] + [100 * report["average_f1"]]}
+    for model, values in REFERENCE_F1.items():
+        series[model] = [values.get(reference_domain(n) or "", float("nan")) for n in names] + [float("nan")]
+    f1_bars(names + ["average"], series, path)
 
 
 # ---------------------------------------------------------------- the stage

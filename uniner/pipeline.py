@@ -93,7 +93,8 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         pending = set()  # stages of this run whose output does not exist yet
         for name, config in configs.items():
             waits_on = [source for source in SOURCES[name].values() if source in pending]
-            if _finished(config):
+            finished = _finished(config)
+            if finished:
                 print(f"# {name}: finished earlier ({config.output}/{SUMMARY_FILE}); would be skipped")
             elif name == pipeline.stages[0] and pipeline.sample_corpus_docs:
                 _print_dry_run(name, config, ["(input is the sample corpus written first)"])
@@ -101,7 +102,7 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
                 _print_dry_run(name, config, [f"(reads the output of {', '.join(waits_on)}, written first)"])
             else:
                 _print_dry_run(name, config, modules[name].plan(config))
-            if not _finished(config):
+            if not finished:
                 pending.add(name)
         return 0
     if pipeline.sample_corpus_docs:
