@@ -1,25 +1,29 @@
 """`uniner train` step time under Ray Train against the same loop without Ray, and the padding left by
 length-grouped batches, on the built-in student and the Pile-NER sample (a realistic mix of conversation lengths).
 
-    python benchmarks/train_throughput.py [--steps 10] [--workdir /tmp/uniner-bench-train]
+    python benchmarks/train_throughput.py [--rounds 3] [--steps 10] [--workdir /tmp/uniner-bench-train]
 
 Both sides train the built-in model on the same tokenized conversations with the same `train_step`, optimizer and
-schedule, fp32 on the same number of CPU threads; Ray Train runs one worker that streams its shard from Ray Data. A
-step's time includes fetching its batches. Step times follow the lengths of the conversations drawn, and the two
-sides draw them in different orders, so the sides are compared per real (non-padding) token: seconds over tokens,
-summed over the steps after the first `--skip` (warm-up). The plain loop runs before and after Ray Train and the two
-runs are pooled, so a drift in the machine's speed hits both sides alike. Prints a table, then
-`nonpad_token_share: <share>` (real tokens over all tokens of the micro-batches of one epoch) and, last,
-`ray_train_overhead: <ratio>` (Ray seconds per real token / plain seconds per real token).
+schedule, fp32 on the same number of CPU threads. Ray Train runs `uniner train` with one worker that streams its
+shard from Ray Data; the plain loop runs in a fresh Python process without Ray, as the worker runs in one. A step's
+time includes fetching its batches. Each round runs both sides, in alternating order, so that a drift in the
+machine's speed hits both alike. Step times follow the lengths of the conversations drawn, and the two sides draw
+them in different orders, so the sides are compared per real (non-padding) token: seconds over tokens, summed over
+the steps after the first `--skip` (warm-up) of every round. Prints a table, then `nonpad_token_share: <share>`
+(real tokens over all tokens of the micro-batches of one epoch) and, last, `ray_train_overhead: <ratio>` (Ray
+seconds per real token / plain seconds per real token, pooled over the rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,58 +97,95 @@ def per_token(timed: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in timed) / sum(n for _, n in timed)
 
 
+def after_warmup(runs: list[list[tuple[float, int]]], skip: int) -> list[tuple[float, int]]:
+    """The steps of all runs, less the first `skip` of each."""
+    return [step for run in runs for step in run[skip:]]
+
+
+def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]:
+    """The plain loop in a fresh Python process, with the thread count Ray gives a worker of that many CPUs."""
+    out = work / f"plain-{round_index}.json"
+    command = [sys.executable, __file__, "--plain-loop-to", str(out), "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    subprocess.run(command, env=env, check=True)
+    return [tuple(step) for step in json.loads(out.read_text())]
+
+
+def ray_train(config, work: Path, round_index: int) -> tuple[list[tuple[float, int]], float]:
+    """`uniner train` on a fresh embedded local Ray, shut down after (the plain loop runs with no Ray on the machine):
+    its steps from metrics.jsonl, and its wall time end to end."""
+    import ray
+
+    from uniner import train
+
+    config = dataclasses.replace(config, output=str(work / f"ray-{round_index}"))
+    started = time.perf_counter()
+    train.run(config)
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    metrics = [json.loads(line) for line in (Path(config.output) / train.METRICS_FILE).read_text().splitlines()]
+    return [(m["seconds"], m["tokens"]) for m in metrics], wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps on each side.")
-    parser.add_argument("--skip", type=int, default=3, help="First steps left out (warm-up).")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of both sides, in alternating order.")
+    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps of each side in each round.")
+    parser.add_argument("--skip", type=int, default=3, help="First steps of each run left out (warm-up).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process on both sides.")
     parser.add_argument("--workdir", default="/tmp/uniner-bench-train")
+    parser.add_argument("--plain-loop-to", help=argparse.SUPPRESS)  # internal: run one plain loop, write its steps here
     args = parser.parse_args()
     if not SAMPLE.is_file():
         sys.exit(f"the Pile-NER sample is not at {SAMPLE}: place ../shared/data beside the project")
 
     from transformers import AutoTokenizer
 
-    from uniner import train
     from uniner.config import BUILTIN_MODEL, TrainConfig
     from uniner.models import resolve_model
 
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     conversations = json.loads(SAMPLE.read_text())
-    (work / "train.json").write_text(json.dumps(conversations))
     config = TrainConfig(data=str(work / "train.json"), output=str(work / "out"), model=BUILTIN_MODEL, num_workers=1,
                          cpus_per_worker=args.threads, batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-5)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN_MODEL))
     rows = tokenized_rows(conversations, tokenizer, max_length=config.max_length, seed=config.seed)
+    if args.plain_loop_to:
+        Path(args.plain_loop_to).write_text(json.dumps(plain_loop(config, rows, steps=args.steps, threads=args.threads)))
+        return
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "train.json").write_text(json.dumps(conversations))
     grouped = nonpad_share(rows, batch_size=config.batch_size, window=config.length_window, pad_id=tokenizer.pad_token_id)
     ungrouped = nonpad_share(rows, batch_size=config.batch_size, window=1, pad_id=tokenizer.pad_token_id)
 
-    before = plain_loop(config, rows, steps=args.steps, threads=args.threads)
-    started = time.perf_counter()
-    train.run(config)
-    ray_wall = time.perf_counter() - started
-    after = plain_loop(config, rows, steps=args.steps, threads=args.threads)
-    metrics = [json.loads(line) for line in (work / "out" / train.METRICS_FILE).read_text().splitlines()]
-    ray_steps = [(m["seconds"], m["tokens"]) for m in metrics]
-    plain = before[args.skip :] + after[args.skip :]
-    plain_rate, ray_rate = per_token(plain), per_token(ray_steps[args.skip :])
-
-    def row(name: str, timed: list[tuple[float, int]]) -> str:
-        steps = " ".join(f"{s:.1f}" for s, _ in timed)
-        return f"| {name} | {1000 * per_token(timed[args.skip:]):.2f} | {statistics.median(s for s, _ in timed[args.skip:]):.2f} | {steps} |"
+    plain, ray, walls = [], [], []
+    for index in range(args.rounds):
+        for side in ("plain", "ray") if index % 2 == 0 else ("ray", "plain"):
+            if side == "plain":
+                plain.append(plain_process(args, work, index))
+            else:
+                steps, wall = ray_train(config, work, index)
+                ray.append(steps)
+                walls.append(wall)
+    plain_rate, ray_rate = per_token(after_warmup(plain, args.skip)), per_token(after_warmup(ray, args.skip))
 
     print(f"\n{len(rows)} conversations of the Pile-NER sample, {BUILTIN_MODEL}, batch {config.batch_size}, fp32, "
-          f"{args.threads} threads, {args.steps} steps (first {args.skip} left out)")
-    print(f"| batching | non-padding token share |\n| --- | --- |")
+          f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps a side (first {args.skip} of each left out)")
+    print("| batching | non-padding token share |\n| --- | --- |")
     print(f"| random order | {ungrouped:.3f} |\n| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |")
-    print(f"\n| loop | ms per real token | median step s | steps s |\n| --- | --- | --- | --- |")
-    print(row("plain, no Ray (before)", before))
-    print(row("Ray Train, 1 worker", ray_steps))
-    print(row("plain, no Ray (after)", after))
-    print(f"(the Ray stage took {ray_wall:.0f} s end to end, with tokenization, worker start and the final checkpoint)\n")
+    print("\n| round | first | plain ms per real token | Ray Train ms per real token | ratio | plain steps s | Ray steps s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for index, (plain_run, ray_run) in enumerate(zip(plain, ray)):
+        round_plain, round_ray = per_token(plain_run[args.skip :]), per_token(ray_run[args.skip :])
+        print(f"| {index + 1} | {'plain' if index % 2 == 0 else 'Ray'} | {1000 * round_plain:.2f} | {1000 * round_ray:.2f} | "
+              f"{round_ray / round_plain:.3f} | {' '.join(f'{s:.1f}' for s, _ in plain_run)} | {' '.join(f'{s:.1f}' for s, _ in ray_run)} |")
+    print(f"| pooled | | {1000 * plain_rate:.2f} | {1000 * ray_rate:.2f} | {ray_rate / plain_rate:.3f} | | |")
+    print(f"(each Ray Train run took {statistics.median(walls):.0f} s end to end (median), with tokenization, worker start "
+          "and the final checkpoint)\n")
     print(f"nonpad_token_share: {grouped:.3f}")
     print(f"ray_train_overhead: {ray_rate / plain_rate:.3f}")
 

@@ -154,6 +154,7 @@ def test_loss_falls_on_a_small_fixed_set(killed_and_resumed):
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0  # an untrained model stays near ln(vocab) = 10.8
     assert summary["final_loss"] == metrics[-1]["loss"] and summary["steps"] == 8
     assert all(m["tokens_per_s"] > 0 for m in metrics) and all(m["lr"] > 0 for m in metrics[1:])  # warmup starts at 0
+    assert all(0 <= m["data_seconds"] <= m["seconds"] for m in metrics)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_and_resumed):

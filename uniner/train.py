@@ -338,6 +338,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         while state["step"] < min(total, (epoch + 1) * per_epoch):
             started = time.perf_counter()  # a step's time includes fetching its batches from the shard
             group = list(itertools.islice(batches, config.grad_accum))
+            waited = time.perf_counter() - started
             if not group:
                 raise RuntimeError(f"the data shard of worker {rank} ran out at step {state['step']} (epoch {epoch})")
             result = train_step(model, optimizer, scheduler, group, device=device, bf16=bf16, max_grad_norm=config.max_grad_norm)
@@ -345,6 +346,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state["step"] += 1
             record = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4), "loss": round(result["loss"], 5),
                       "lr": result["lr"], "tokens": result["tokens"], "seconds": round(seconds, 3),
+                      "data_seconds": round(waited, 3),
                       "tokens_per_s": round(result["tokens"] / seconds, 1)}
             state["metrics"].append(record)
             if rank == 0:
