@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/uniner-bench-train")
     parser.add_argument("--plain-loop-to", help=argparse.SUPPRESS)  # internal: run one plain loop, write its steps here
     args = parser.parse_args()
+    if args.rounds < 1 or not 0 <= args.skip < args.steps:
+        parser.error("--rounds must be at least 1 and --skip below --steps (no steps would be measured): e.g. --rounds 3 --steps 10 --skip 3")
     if not SAMPLE.is_file():
         sys.exit(f"the Pile-NER sample is not at {SAMPLE}: place ../shared/data beside the project")
 
