@@ -3,24 +3,28 @@ length-grouped batches, on the built-in student and the Pile-NER sample (a reali
 
     python benchmarks/train_throughput.py [--rounds 3] [--steps 10] [--workdir /tmp/uniner-bench-train]
 
-Both sides train the built-in model on the same tokenized conversations with the same `train_step`, optimizer and
-schedule, fp32 on the same number of CPU threads. Ray Train runs `uniner train` with one worker that streams its
-shard from Ray Data; the plain loop runs in a fresh Python process without Ray, as the worker runs in one. A step's
-time includes fetching its batches. Each round runs both sides, in alternating order, so that a drift in the
-machine's speed hits both alike. Step times follow the lengths of the conversations drawn, and the two sides draw
-them in different orders, so the sides are compared per real (non-padding) token: seconds over tokens, summed over
-the steps after the first `--skip` (warm-up) of every round. Prints a table, then `nonpad_token_share: <share>`
-(real tokens over all tokens of the micro-batches of one epoch) and, last, `ray_train_overhead: <ratio>` (Ray
-seconds per real token / plain seconds per real token, pooled over the rounds).
+Both sides train the built-in model on the same micro-batches, in the same order, with the same `train_step`,
+optimizer and schedule, fp32 on the same number of CPU threads. The sample is tokenized once as `uniner train` does
+it, and the windows of conversations that one worker's dataset shard gives in the first epoch are kept. Ray Train
+runs `uniner train` with one worker that streams its shard from Ray Data, on a fresh embedded Ray that is shut down
+after the run; the plain loop runs in a fresh Python process without Ray and groups the kept windows into
+micro-batches with the worker's own `epoch_batches`. The benchmark checks that the tokens of every step agree
+between the sides: step times follow the lengths of the conversations, so sides that drew different batches could
+not be compared. A step's time includes fetching its batches. Each round runs both sides, in alternating order, so
+that a drift in the machine's speed hits both alike. Prints a table, then `nonpad_token_share: <share>` (real
+tokens over all tokens of the worker's micro-batches in one epoch) and, last, `ray_train_overhead: <ratio>` (Ray
+seconds per real token over plain seconds per real token, summed over the steps after the first `--skip` (warm-up)
+of every round).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
-import random
+import pickle
 import shutil
 import statistics
 import subprocess
@@ -29,63 +33,70 @@ import time
 from pathlib import Path
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pile-ner-sample" / "pile_ner_type_sample.json"
+WINDOWS_FILE = "windows.pkl"
 
 
-def tokenized_rows(conversations: list[dict], tokenizer, *, max_length: int, seed: int) -> list[tuple]:
-    """(input_ids, loss_mask) of each trainable conversation, in a seeded random order."""
-    import numpy as np
+def bench_config(args, work: Path):
+    from uniner.config import BUILTIN_MODEL, TrainConfig
 
-    from uniner.train_data import ConversationTokenizer, conversation_rng, conversation_turns, shuffled_turns
-
-    tokenize = ConversationTokenizer(tokenizer, max_length=max_length)
-    rows = []
-    for conversation in conversations:
-        turns = shuffled_turns(conversation_turns(conversation["conversations"]), conversation_rng(seed, conversation["id"]))
-        try:
-            tokens = tokenize(turns)
-        except ValueError:
-            continue
-        rows.append((np.array(tokens.input_ids), np.array(tokens.loss_mask, dtype=np.int8)))
-    random.Random(seed).shuffle(rows)
-    return rows
+    return TrainConfig(data=str(work / "train.json"), output=str(work / "out"), model=BUILTIN_MODEL, num_workers=1,
+                       cpus_per_worker=args.threads, batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-5)
 
 
-def windows(rows: list[tuple], size: int):
-    for start in range(0, len(rows), size):
-        chunk = rows[start : start + size]
-        yield {"input_ids": [ids for ids, _ in chunk], "loss_mask": [mask for _, mask in chunk]}
+def worker_windows(config) -> list[dict]:
+    """The windows of conversations that a single Ray Train worker's shard gives in epoch 0, tokenized by the stage
+    on an embedded Ray (shut down after)."""
+    import ray
+
+    from uniner import train
+    from uniner.models import resolve_model
+    from uniner.session import init_ray
+
+    init_ray()
+    data = train.trainable(train.tokenize(config, resolve_model(config.model)))
+    windows = list(train.epoch_windows(data.iterator(), config, epoch=0, rank=0))
+    ray.shutdown()
+    return windows
 
 
-def nonpad_share(rows: list[tuple], *, batch_size: int, window: int, pad_id: int) -> float:
-    from uniner.train_data import micro_batches
-
+def nonpad_share(batches) -> float:
+    """Real tokens over all tokens of the micro-batches."""
     real = total = 0
-    for batch in micro_batches(windows(rows, batch_size * window), batch_size=batch_size, rng=random.Random(0), pad_id=pad_id):
+    for batch in batches:
         real += int(batch["attention_mask"].sum())
         total += batch["attention_mask"].size
     return real / total
 
 
-def plain_loop(config, rows: list[tuple], *, steps: int, threads: int) -> list[tuple[float, int]]:
-    """The worker's loop without Ray: same model loading, batches, step function, optimizer and schedule."""
+def one_batch_windows(windows: list[dict], size: int):
+    """The same conversations in windows of one micro-batch each: no grouping by length."""
+    ids = [row for window in windows for row in window["input_ids"]]
+    masks = [row for window in windows for row in window["loss_mask"]]
+    for start in range(0, len(ids), size):
+        yield {"input_ids": ids[start : start + size], "loss_mask": masks[start : start + size]}
+
+
+def plain_loop(config, windows: list[dict], *, threads: int) -> list[tuple[float, int]]:
+    """The worker's loop without Ray: same model loading, micro-batches, step function, optimizer and schedule."""
     import torch
     from transformers import get_scheduler
 
-    from uniner.train import load_student, train_step
-    from uniner.train_data import micro_batches
+    from uniner.train import epoch_batches, load_student, padding_id, train_step
 
+    steps = config.max_steps
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     model, tokenizer = load_student(config, None)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=round(steps * config.warmup_ratio), num_training_steps=steps)
-    batches = micro_batches(windows(rows, config.batch_size * config.length_window), batch_size=config.batch_size,
-                            rng=random.Random(0), pad_id=tokenizer.pad_token_id)
+    batches = epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=padding_id(tokenizer))
     timed = []
     for step in range(steps):
         started = time.perf_counter()
-        group = [next(batches) for _ in range(config.grad_accum)]
+        group = list(itertools.islice(batches, config.grad_accum))
+        if len(group) < config.grad_accum:
+            sys.exit(f"--steps {steps} is more than one epoch of the sample: give fewer steps")
         result = train_step(model, optimizer, scheduler, group, device=torch.device("cpu"), bf16=False, max_grad_norm=config.max_grad_norm)
         timed.append((time.perf_counter() - started, result["tokens"]))
         print(f"plain loop: step {step + 1}/{steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True)
@@ -105,7 +116,7 @@ def after_warmup(runs: list[list[tuple[float, int]]], skip: int) -> list[tuple[f
 def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]:
     """The plain loop in a fresh Python process, with the thread count Ray gives a worker of that many CPUs."""
     out = work / f"plain-{round_index}.json"
-    command = [sys.executable, __file__, "--plain-loop-to", str(out), "--steps", str(args.steps),
+    command = [sys.executable, __file__, "--plain-loop-to", str(out), "--workdir", str(work), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run(command, env=env, check=True)
@@ -145,24 +156,24 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from uniner.config import BUILTIN_MODEL, TrainConfig
     from uniner.models import resolve_model
+    from uniner.train import epoch_batches, padding_id
 
     work = Path(args.workdir)
-    conversations = json.loads(SAMPLE.read_text())
-    config = TrainConfig(data=str(work / "train.json"), output=str(work / "out"), model=BUILTIN_MODEL, num_workers=1,
-                         cpus_per_worker=args.threads, batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-5)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(BUILTIN_MODEL))
-    rows = tokenized_rows(conversations, tokenizer, max_length=config.max_length, seed=config.seed)
+    config = bench_config(args, work)
     if args.plain_loop_to:
-        Path(args.plain_loop_to).write_text(json.dumps(plain_loop(config, rows, steps=args.steps, threads=args.threads)))
+        windows = pickle.loads((work / WINDOWS_FILE).read_bytes())
+        Path(args.plain_loop_to).write_text(json.dumps(plain_loop(config, windows, threads=args.threads)))
         return
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / "train.json").write_text(json.dumps(conversations))
-    grouped = nonpad_share(rows, batch_size=config.batch_size, window=config.length_window, pad_id=tokenizer.pad_token_id)
-    ungrouped = nonpad_share(rows, batch_size=config.batch_size, window=1, pad_id=tokenizer.pad_token_id)
+    (work / "train.json").write_text(SAMPLE.read_text())
+    windows = worker_windows(config)
+    (work / WINDOWS_FILE).write_bytes(pickle.dumps(windows))
+    pad_id = padding_id(AutoTokenizer.from_pretrained(resolve_model(config.model)))
+    grouped = nonpad_share(epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id))
+    ungrouped = nonpad_share(epoch_batches(one_batch_windows(windows, config.batch_size), config, epoch=0, rank=0, pad_id=pad_id))
 
     plain, ray, walls = [], [], []
     for index in range(args.rounds):
@@ -173,10 +184,15 @@ def main() -> None:
                 steps, wall = ray_train(config, work, index)
                 ray.append(steps)
                 walls.append(wall)
+    for plain_run, ray_run in zip(plain, ray):
+        if [n for _, n in plain_run] != [n for _, n in ray_run]:
+            sys.exit(f"the sides trained on different batches (tokens per step: plain {[n for _, n in plain_run]}, Ray "
+                     f"{[n for _, n in ray_run]}), so their times cannot be compared: report this with the Ray version")
     plain_rate, ray_rate = per_token(after_warmup(plain, args.skip)), per_token(after_warmup(ray, args.skip))
 
-    print(f"\n{len(rows)} conversations of the Pile-NER sample, {BUILTIN_MODEL}, batch {config.batch_size}, fp32, "
-          f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps a side (first {args.skip} of each left out)")
+    conversations = sum(len(window["input_ids"]) for window in windows)
+    print(f"\n{conversations} trainable conversations of the Pile-NER sample, {config.model}, batch {config.batch_size}, "
+          f"fp32, {args.threads} threads, {args.rounds} rounds of {args.steps} steps a side (first {args.skip} of each left out)")
     print("| batching | non-padding token share |\n| --- | --- |")
     print(f"| random order | {ungrouped:.3f} |\n| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |")
     print("\n| round | first | plain ms per real token | Ray Train ms per real token | ratio | plain steps s | Ray steps s |")
@@ -186,8 +202,8 @@ def main() -> None:
         print(f"| {index + 1} | {'plain' if index % 2 == 0 else 'Ray'} | {1000 * round_plain:.2f} | {1000 * round_ray:.2f} | "
               f"{round_ray / round_plain:.3f} | {' '.join(f'{s:.1f}' for s, _ in plain_run)} | {' '.join(f'{s:.1f}' for s, _ in ray_run)} |")
     print(f"| pooled | | {1000 * plain_rate:.2f} | {1000 * ray_rate:.2f} | {ray_rate / plain_rate:.3f} | | |")
-    print(f"(each Ray Train run took {statistics.median(walls):.0f} s end to end (median), with tokenization, worker start "
-          "and the final checkpoint)\n")
+    print(f"(tokens per step, the same on both sides: {' '.join(str(n) for _, n in plain[0])}; each Ray Train run took "
+          f"{statistics.median(walls):.0f} s end to end (median), with tokenization, worker start and the final checkpoint)\n")
     print(f"nonpad_token_share: {grouped:.3f}")
     print(f"ray_train_overhead: {ray_rate / plain_rate:.3f}")
 

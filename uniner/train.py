@@ -97,6 +97,11 @@ def _trainable(table: pa.Table) -> pa.Table:
     return table.filter(pc.is_null(table["reason"])).select(["input_ids", "loss_mask"])
 
 
+def trainable(tokens):
+    """The conversations to train on (input_ids and loss_mask of those without a reject reason), materialized."""
+    return tokens.map_batches(_trainable, batch_format="pyarrow").materialize()
+
+
 def _rejected(table: pa.Table) -> pa.Table:
     return table.filter(pc.is_valid(table["reason"])).select(["id", "reason", "detail"])
 
@@ -247,11 +252,21 @@ def train_step(model, optimizer, scheduler, group: list[dict], *, device, bf16: 
     return {"loss": global_loss / world, "lr": learning_rate, "tokens": int(global_tokens)}
 
 
-def epoch_batches(shard, config: TrainConfig, *, epoch: int, rank: int, pad_id: int):
-    """This worker's collated micro-batches for one epoch, streamed from its dataset shard."""
+def padding_id(tokenizer) -> int:
+    """The token that pads micro-batches: the tokenizer's pad token, else its EOS (never attended, never a label)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def epoch_windows(shard, config: TrainConfig, *, epoch: int, rank: int):
+    """This worker's conversations for one epoch, streamed from its dataset shard in windows of `length_window`
+    micro-batches (numpy batches of input_ids and loss_mask)."""
     window = config.batch_size * config.length_window
-    windows = shard.iter_batches(batch_size=window, batch_format="numpy", local_shuffle_buffer_size=window,
-                                 local_shuffle_seed=config.seed * 100_003 + epoch * 101 + rank)
+    return shard.iter_batches(batch_size=window, batch_format="numpy", local_shuffle_buffer_size=window,
+                              local_shuffle_seed=config.seed * 100_003 + epoch * 101 + rank)
+
+
+def epoch_batches(windows, config: TrainConfig, *, epoch: int, rank: int, pad_id: int):
+    """The collated micro-batches of one epoch: each window's conversations grouped by length, seeded per epoch and rank."""
     rng = random.Random(f"{config.seed}:{epoch}:{rank}")
     return micro_batches(windows, batch_size=config.batch_size, rng=rng, pad_id=pad_id)
 
@@ -327,11 +342,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     kill_step, _, kill_marker = loop_config["kill"].partition(":")
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
     shard = ray.train.get_dataset_shard("train")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
     while state["step"] < total:
         epoch = state["step"] // per_epoch
-        batches = epoch_batches(shard, config, epoch=epoch, rank=rank, pad_id=pad_id)
+        windows = epoch_windows(shard, config, epoch=epoch, rank=rank)
+        batches = epoch_batches(windows, config, epoch=epoch, rank=rank, pad_id=pad_id)
         # On resume, the micro-batches of the steps already done in this epoch are passed over.
         for _ in itertools.islice(batches, (state["step"] % per_epoch) * config.grad_accum):
             pass
@@ -460,7 +476,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if stats["rejected"]:
             rejects = output.join(REJECTS_DIR)
             tokens.map_batches(_rejected, batch_format="pyarrow").write_parquet(rejects.path, filesystem=rejects.fs)
-    train_data = tokens.map_batches(_trainable, batch_format="pyarrow").materialize()
+    train_data = trainable(tokens)
     print(f"uniner train: {stats['conversations_trainable']} conversations ({stats['tokens_per_epoch']} tokens) -> "
           f"{step_counts['total_steps']} steps of {config.num_workers * config.batch_size * config.grad_accum} conversations"
           + (" (resuming)" if resuming else ""), flush=True)
