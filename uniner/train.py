@@ -79,8 +79,12 @@ def tokenize(config: TrainConfig, model_dir: Path):
 
     from uniner.session import cluster_cpus
 
+    conversations = read_conversations(config)
+    # The seeded shuffle gives the same order on every run only if its input blocks come in the same order; the
+    # tokenizer actors finish them in any order.
+    conversations.context.execution_options.preserve_order = True
     return (
-        read_conversations(config)
+        conversations
         .map_batches(
             TokenizeConversations,
             fn_constructor_kwargs={"model_dir": str(model_dir), "max_length": config.max_length, "seed": config.seed},
