@@ -81,7 +81,8 @@ def tokenize(config: TrainConfig, model_dir: Path):
 
     conversations = read_conversations(config)
     # The seeded shuffle gives the same order on every run only if its input blocks come in the same order; the
-    # tokenizer actors finish them in any order.
+    # tokenizer actors finish them in any order. A rerun that resumes relies on it: it passes over the micro-batches
+    # that the steps before its checkpoint trained on.
     conversations.context.execution_options.preserve_order = True
     return (
         conversations
