@@ -8,9 +8,9 @@ optimizer and schedule, fp32 on the same number of CPU threads. The sample is to
 it, and the windows of conversations that one worker's dataset shard gives in the first epoch are kept. Ray Train
 runs `uniner train` with one worker that streams its shard from Ray Data, on a fresh embedded Ray that is shut down
 after the run; the plain loop runs in a fresh Python process without Ray and groups the kept windows into
-micro-batches with the worker's own `epoch_batches`. The benchmark checks that the tokens of every step agree
-between the sides: step times follow the lengths of the conversations, so sides that drew different batches could
-not be compared. A step's time includes fetching its batches. Each round runs both sides, in alternating order, so
+micro-batches with the worker's own `epoch_batches`. After every run, the benchmark checks that the tokens of each
+step are those of the kept batches: step times follow the lengths of the conversations, so sides that drew
+different batches could not be compared. A step's time includes fetching its batches. Each round runs both sides, in alternating order, so
 that a drift in the machine's speed hits both alike. Prints a table, then `nonpad_token_share: <share>` (real
 tokens over all tokens of the worker's micro-batches in one epoch) and, last, `ray_train_overhead: <ratio>` (Ray
 seconds per real token over plain seconds per real token, summed over the steps after the first `--skip` (warm-up)
@@ -79,28 +79,35 @@ def one_batch_windows(windows: list[dict], size: int):
 def plain_loop(config, windows: list[dict], *, threads: int) -> list[tuple[float, int]]:
     """The worker's loop without Ray: same model loading, micro-batches, step function, optimizer and schedule."""
     import torch
-    from transformers import get_scheduler
 
-    from uniner.train import epoch_batches, load_student, padding_id, train_step
+    from uniner.train import epoch_batches, load_student, optimizer_and_scheduler, padding_id, step_plan, train_step
 
-    steps = config.max_steps
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     model, tokenizer = load_student(config, None)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=round(steps * config.warmup_ratio), num_training_steps=steps)
+    optimizer, scheduler = optimizer_and_scheduler(model, config, step_plan(config, conversations(windows)))
     batches = epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=padding_id(tokenizer))
     timed = []
-    for step in range(steps):
+    for step in range(config.max_steps):
         started = time.perf_counter()
         group = list(itertools.islice(batches, config.grad_accum))
-        if len(group) < config.grad_accum:
-            sys.exit(f"--steps {steps} is more than one epoch of the sample: give fewer steps")
         result = train_step(model, optimizer, scheduler, group, device=torch.device("cpu"), bf16=False, max_grad_norm=config.max_grad_norm)
         timed.append((time.perf_counter() - started, result["tokens"]))
-        print(f"plain loop: step {step + 1}/{steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True)
+        print(f"plain loop: step {step + 1}/{config.max_steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True)
     return timed
+
+
+def step_tokens(windows: list[dict], config, *, pad_id: int) -> list[int]:
+    """Real tokens of each of the first `max_steps` steps that the worker takes from these windows."""
+    from uniner.train import epoch_batches
+
+    batches = epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id)
+    return [sum(int(b["attention_mask"].sum()) for b in itertools.islice(batches, config.grad_accum)) for _ in range(config.max_steps)]
+
+
+def conversations(windows: list[dict]) -> int:
+    return sum(len(window["input_ids"]) for window in windows)
 
 
 def per_token(timed: list[tuple[float, int]]) -> float:
@@ -157,7 +164,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from uniner.models import resolve_model
-    from uniner.train import epoch_batches, padding_id
+    from uniner.train import epoch_batches, padding_id, step_plan
 
     work = Path(args.workdir)
     config = bench_config(args, work)
@@ -171,27 +178,30 @@ def main() -> None:
     (work / "train.json").write_text(SAMPLE.read_text())
     windows = worker_windows(config)
     (work / WINDOWS_FILE).write_bytes(pickle.dumps(windows))
+    per_epoch = step_plan(config, conversations(windows))["steps_per_epoch"]
+    if args.steps > per_epoch:
+        sys.exit(f"--steps {args.steps} is more than one epoch of the sample ({per_epoch} steps): give fewer steps")
     pad_id = padding_id(AutoTokenizer.from_pretrained(resolve_model(config.model)))
     grouped = nonpad_share(epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id))
     ungrouped = nonpad_share(epoch_batches(one_batch_windows(windows, config.batch_size), config, epoch=0, rank=0, pad_id=pad_id))
+    expected = step_tokens(windows, config, pad_id=pad_id)
 
     plain, ray, walls = [], [], []
     for index in range(args.rounds):
         for side in ("plain", "ray") if index % 2 == 0 else ("ray", "plain"):
             if side == "plain":
-                plain.append(plain_process(args, work, index))
+                run = plain_process(args, work, index)
+                plain.append(run)
             else:
-                steps, wall = ray_train(config, work, index)
-                ray.append(steps)
+                run, wall = ray_train(config, work, index)
+                ray.append(run)
                 walls.append(wall)
-    for plain_run, ray_run in zip(plain, ray):
-        if [n for _, n in plain_run] != [n for _, n in ray_run]:
-            sys.exit(f"the sides trained on different batches (tokens per step: plain {[n for _, n in plain_run]}, Ray "
-                     f"{[n for _, n in ray_run]}), so their times cannot be compared: report this with the Ray version")
+            if [n for _, n in run] != expected:
+                sys.exit(f"the {side} side did not train on the kept batches (tokens per step: expected {expected}, got "
+                         f"{[n for _, n in run]}), so the sides cannot be compared: report this with the Ray version")
     plain_rate, ray_rate = per_token(after_warmup(plain, args.skip)), per_token(after_warmup(ray, args.skip))
 
-    conversations = sum(len(window["input_ids"]) for window in windows)
-    print(f"\n{conversations} trainable conversations of the Pile-NER sample, {config.model}, batch {config.batch_size}, "
+    print(f"\n{conversations(windows)} trainable conversations of the Pile-NER sample, {config.model}, batch {config.batch_size}, "
           f"fp32, {args.threads} threads, {args.rounds} rounds of {args.steps} steps a side (first {args.skip} of each left out)")
     print("| batching | non-padding token share |\n| --- | --- |")
     print(f"| random order | {ungrouped:.3f} |\n| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |")
@@ -202,7 +212,7 @@ def main() -> None:
         print(f"| {index + 1} | {'plain' if index % 2 == 0 else 'Ray'} | {1000 * round_plain:.2f} | {1000 * round_ray:.2f} | "
               f"{round_ray / round_plain:.3f} | {' '.join(f'{s:.1f}' for s, _ in plain_run)} | {' '.join(f'{s:.1f}' for s, _ in ray_run)} |")
     print(f"| pooled | | {1000 * plain_rate:.2f} | {1000 * ray_rate:.2f} | {ray_rate / plain_rate:.3f} | | |")
-    print(f"(tokens per step, the same on both sides: {' '.join(str(n) for _, n in plain[0])}; each Ray Train run took "
+    print(f"(tokens per step, the same on both sides: {' '.join(map(str, expected))}; each Ray Train run took "
           f"{statistics.median(walls):.0f} s end to end (median), with tokenization, worker start and the final checkpoint)\n")
     print(f"nonpad_token_share: {grouped:.3f}")
     print(f"ray_train_overhead: {ray_rate / plain_rate:.3f}")

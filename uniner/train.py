@@ -257,6 +257,18 @@ def train_step(model, optimizer, scheduler, group: list[dict], *, device, bf16: 
     return {"loss": global_loss / world, "lr": learning_rate, "tokens": int(global_tokens)}
 
 
+def optimizer_and_scheduler(model, config: TrainConfig, plan: dict[str, int]):
+    """AdamW over the trainable weights and the learning-rate schedule of the step plan (warmup, then the schedule)."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    schedule = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=plan["warmup_steps"], num_training_steps=plan["total_steps"])
+    return optimizer, scheduler
+
+
 def padding_id(tokenizer) -> int:
     """The token that pads micro-batches: the tokenizer's pad token, else its EOS (never attended, never a label)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -317,7 +329,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch
     import ray.train
     import ray.train.torch
-    from transformers import get_scheduler
 
     config = TrainConfig(**loop_config["config"])
     plan = loop_config["plan"]
@@ -332,10 +343,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         restored = Path(restored_dir) if restored_dir else None
         model, tokenizer = load_student(config, restored)
         model = parallel(model, config)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
-        schedule = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=plan["warmup_steps"], num_training_steps=plan["total_steps"])
+        optimizer, scheduler = optimizer_and_scheduler(model, config, plan)
         state = {"step": 0, "metrics": [], "resumed_from": []}
         if restored is not None:
             state = restore_state(restored, model=model, optimizer=optimizer, scheduler=scheduler, config=config)
