@@ -124,7 +124,7 @@ def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]
     """The plain loop in a fresh Python process, with the thread count Ray gives a worker of that many CPUs."""
     out = work / f"plain-{round_index}.json"
     command = [sys.executable, __file__, "--plain-loop-to", str(out), "--workdir", str(work), "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+               "--skip", str(args.skip), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run(command, env=env, check=True)
     return [tuple(step) for step in json.loads(out.read_text())]
