@@ -205,6 +205,31 @@ def test_finished_output_is_not_overwritten_silently(killed_and_resumed):
         train.run(config)
 
 
+def test_no_ray_train_helper_that_cannot_work_runs_on_the_embedded_ray(killed_and_resumed):
+    """The placement-group cleaner needs the State API, which the embedded Ray lacks; no autoscaler drains its one
+    node, so there is nothing for the preemption watcher to see. The run above used the session's embedded Ray."""
+    import ray._private.state  # the GCS actor table: the public State API needs the dashboard
+
+    started = {actor["ActorClassName"] for actor in ray._private.state.actors().values()}
+    assert "TrainController" in started and "RayTrainWorker" in started
+    assert not started & {"PlacementGroupCleaner", "PreemptionWatcher"}
+
+
+def test_a_run_logs_each_step_once_and_nothing_every_second(tmp_path, tiny_model_dir):
+    """Each step's line once (Ray Train's print() writes it twice), and none of the lines that Ray's helpers would
+    repeat every second: the placement-group cleaner's State API warning and the data split's progress bar."""
+    from conftest import run_cli
+
+    (tmp_path / "train.json").write_text(json.dumps(synthetic_conversations(16)))
+    result = run_cli("train", "--data", str(tmp_path / "train.json"), "--output", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+                     "--max-steps", "4", "--max-length", "128", "--checkpoint-every", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    steps = [line.split("uniner train: step ")[1].split()[0] for line in log.splitlines() if "uniner train: step " in line]
+    assert steps == ["1/4", "2/4", "3/4", "4/4"]
+    assert "State API" not in log and "Running Dataset train" not in log
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_jsonl_and_parquet_conversations_are_read(suffix, tmp_path, ray_session):
     conversations = synthetic_conversations(3)

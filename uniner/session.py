@@ -8,6 +8,7 @@ import os
 from uniner.errors import UserError
 
 log = logging.getLogger(__name__)
+_embedded_gcs_address: str | None = None  # the GCS of the local Ray that init_ray started, if any
 
 
 def init_ray(*, num_cpus: int | None = None) -> None:
@@ -28,9 +29,18 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     cpus = num_cpus or os.cpu_count() or 1
     log.info("Starting an embedded local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
     # address="local": never attach to a cluster that someone started on this machine with `ray start`.
+    global _embedded_gcs_address
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    _embedded_gcs_address = ray.get_runtime_context().gcs_address
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
+
+
+def embedded() -> bool:
+    """Whether the connected Ray is the embedded local one that init_ray started (one machine, no autoscaler)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded_gcs_address
 
 
 def cluster_cpus() -> int:

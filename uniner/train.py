@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,11 @@ RAY_DIR = "_ray"
 RUN_NAME = "train"
 MODEL_DIR = "model"  # inside a checkpoint: the Hugging Face folder
 STATE_FILE = "trainer_state.pt"  # inside a checkpoint: optimizer, schedule, step, metrics so far
+# Ray Train runs the training function in a thread, and glibc gives a thread other than the main one its own malloc
+# arena, whose heaps go back to the system when freed: each step then faults its activations in again (about 200,000
+# page faults a step on the built-in student, none in the main thread; about a tenth of a CPU step, docs/benchmarks.md).
+# One arena keeps the memory, as the main thread does.
+WORKER_RUNTIME_ENV = {"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}}
 # Fault injection for tests: "STEP:MARKER" makes the last worker exit at STEP, once (while MARKER does not exist).
 KILL_ENV = "UNINER_TEST_KILL_WORKER"
 
@@ -103,8 +109,14 @@ def _trainable(table: pa.Table) -> pa.Table:
 
 
 def trainable(tokens):
-    """The conversations to train on (input_ids and loss_mask of those without a reject reason), materialized."""
-    return tokens.map_batches(_trainable, batch_format="pyarrow").materialize()
+    """The conversations to train on (input_ids and loss_mask of those without a reject reason), materialized.
+
+    Its progress bars are off: the workers' streaming split of a materialized dataset has nothing to show, and its
+    bar would be redrawn in the log every second of the run.
+    """
+    data = tokens.map_batches(_trainable, batch_format="pyarrow").materialize()
+    data.context.enable_progress_bars = False
+    return data
 
 
 def _rejected(table: pa.Table) -> pa.Table:
@@ -324,6 +336,12 @@ def restore_state(restored: Path, *, model, optimizer, scheduler, config: TrainC
     return state
 
 
+def say(line: str) -> None:
+    """A progress line from a worker, written once: Ray Train's replacement for print() writes every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import torch
@@ -349,7 +367,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state = restore_state(restored, model=model, optimizer=optimizer, scheduler=scheduler, config=config)
             state["resumed_from"] = [*state["resumed_from"], state["step"]]
             if rank == 0:
-                print(f"uniner train: resumed from the checkpoint at step {state['step']}", flush=True)
+                say(f"uniner train: resumed from the checkpoint at step {state['step']}")
     model.train()
 
     kill_step, _, kill_marker = loop_config["kill"].partition(":")
@@ -379,8 +397,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                       "tokens_per_s": round(result["tokens"] / seconds, 1)}
             state["metrics"].append(record)
             if rank == 0:
-                print(f"uniner train: step {state['step']}/{total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                      f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                say(f"uniner train: step {state['step']}/{total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                    f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s")
             if kill_step and state["step"] == int(kill_step) and rank == context.get_world_size() - 1 and not os.path.exists(kill_marker):
                 Path(kill_marker).touch()
                 # The controller takes the workers' reports on its own schedule: wait past it, so that the crash comes
@@ -443,25 +461,75 @@ def _prepare(output: storage.Location, config: TrainConfig) -> bool:
     return False
 
 
+def state_api_available() -> bool:
+    """Whether the connected cluster serves Ray's State API (its dashboard runs; the embedded local Ray has none)."""
+    import ray
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:  # the connected cluster's address: without one, the client looks for any Ray on this machine
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
+    except RayStateApiException:
+        return False
+    return True
+
+
+def trainer_class():
+    """TorchTrainer, less the helpers that cannot work on this cluster.
+
+    Ray Train starts a placement-group cleaner that watches the controller through the State API. Without the State
+    API it can never tell whether the controller lives: it only logs a warning every second, all through the run.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    if state_api_available():
+        return TorchTrainer
+
+    class TrainerWithoutCleaner(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return TrainerWithoutCleaner
+
+
+@contextlib.contextmanager
+def preemption_watcher_setting():
+    """On the embedded local Ray, no preemption watcher: one machine with no autoscaler is never drained, and on 2
+    cores each idle helper process takes CPU from the training threads (docs/benchmarks.md). A value that the user
+    set is kept."""
+    from uniner.session import embedded
+
+    name = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by Ray Train when the run starts
+    if not embedded() or name in os.environ:
+        yield
+        return
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        del os.environ[name]
+
+
 def fit(config: TrainConfig, train_data, step_counts: dict[str, int], output: storage.Location):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     runs = output.join(RAY_DIR)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         train_loop,
         train_loop_config={"config": to_dict(config), "plan": step_counts, "precision": precision(config),
                            "kill": os.environ.get(KILL_ENV, "")},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=runs.path, storage_filesystem=runs.fs,
+            name=RUN_NAME, storage_path=runs.path, storage_filesystem=runs.fs, worker_runtime_env=WORKER_RUNTIME_ENV,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         datasets={"train": train_data},
     )
-    return trainer.fit()
+    with preemption_watcher_setting():
+        return trainer.fit()
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
