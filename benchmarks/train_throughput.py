@@ -4,17 +4,17 @@ length-grouped batches, on the built-in student and the Pile-NER sample (a reali
     python benchmarks/train_throughput.py [--rounds 3] [--steps 10] [--workdir /tmp/uniner-bench-train]
 
 Both sides train the built-in model on the same micro-batches, in the same order, with the same `train_step`,
-optimizer and schedule, fp32 on the same number of CPU threads. The sample is tokenized once as `uniner train` does
-it, and the windows of conversations that one worker's dataset shard gives in the first epoch are kept. Ray Train
-runs `uniner train` with one worker that streams its shard from Ray Data, on a fresh embedded Ray that is shut down
-after the run; the plain loop runs in a fresh Python process without Ray and groups the kept windows into
-micro-batches with the worker's own `epoch_batches`. After every run, the benchmark checks that the tokens of each
-step are those of the kept batches: step times follow the lengths of the conversations, so sides that drew
-different batches could not be compared. A step's time includes fetching its batches. Each round runs both sides, in alternating order, so
-that a drift in the machine's speed hits both alike. Prints a table, then `nonpad_token_share: <share>` (real
-tokens over all tokens of the worker's micro-batches in one epoch) and, last, `ray_train_overhead: <ratio>` (Ray
-seconds per real token over plain seconds per real token, summed over the steps after the first `--skip` (warm-up)
-of every round).
+optimizer and schedule, fp32 on the same number of CPU threads, with the environment that `uniner train` gives its
+workers. The sample is tokenized once as `uniner train` does it, and the windows of conversations that one worker's
+dataset shard gives in the first epoch are kept. Ray Train runs `uniner train` with one worker that streams its
+shard from Ray Data, on a fresh embedded Ray that is shut down after the run; the plain loop runs in a fresh Python
+process without Ray and groups the kept windows into micro-batches with the worker's own `epoch_batches`. After
+every run, the benchmark checks that the tokens of each step are those of the kept batches: step times follow the
+lengths of the conversations, so sides that drew different batches could not be compared. A step's time includes
+fetching its batches. Each round runs both sides, in alternating order, so that a drift in the machine's speed hits
+both alike. Prints a table, then `nonpad_token_share: <share>` (real tokens over all tokens of the worker's
+micro-batches in one epoch) and, last, `ray_train_overhead: <ratio>` (Ray seconds per real token over plain seconds
+per real token, summed over the steps after the first `--skip` (warm-up) of every round).
 """
 
 from __future__ import annotations
@@ -121,11 +121,14 @@ def after_warmup(runs: list[list[tuple[float, int]]], skip: int) -> list[tuple[f
 
 
 def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]:
-    """The plain loop in a fresh Python process, with the thread count Ray gives a worker of that many CPUs."""
+    """The plain loop in a fresh Python process, with the thread count Ray gives a worker of that many CPUs and the
+    environment that `uniner train` gives its workers."""
+    from uniner.train import WORKER_RUNTIME_ENV
+
     out = work / f"plain-{round_index}.json"
     command = [sys.executable, __file__, "--plain-loop-to", str(out), "--workdir", str(work), "--steps", str(args.steps),
                "--skip", str(args.skip), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **WORKER_RUNTIME_ENV["env_vars"]}
     subprocess.run(command, env=env, check=True)
     return [tuple(step) for step in json.loads(out.read_text())]
 
