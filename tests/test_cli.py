@@ -101,3 +101,34 @@ def test_pipeline_set_override_reaches_the_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "max_tokens: 77" in result.stdout
     assert f"input: {tmp_path / 'w' / 'corpus'}" in result.stdout
+
+
+@pytest.mark.parametrize("stage, inside", [("passages", False), ("passages", True), ("extract", False), ("extract", True)])
+def test_an_output_that_meets_an_input_is_refused_before_anything_is_deleted(tmp_path, stage, inside):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text(json.dumps({"text": "Alice met Bob in Paris."}) + "\n")
+    output = docs / "out" if inside else docs
+    extra = ["--types", "person"] if stage == "extract" else []
+    result = run_cli(stage, "--input", str(docs), "--output", str(output), "--overwrite", *extra)
+    _assert_one_line_error(result, f"--output {output} {'lies inside' if inside else 'is'} the --input {docs}",
+                           "choose an output folder apart from the inputs")
+    assert (docs / "a.jsonl").read_text().startswith('{"text"')
+
+
+@pytest.mark.parametrize("output, source, relation", [
+    ("d", "d", "is"), ("d", "d/x.jsonl", "contains"), ("d/out", "d", "lies inside"), ("out", "d", ""),
+    ("d", "d/*.jsonl", "contains"), ("d/out", "d/*.jsonl", ""), ("d/out", "d/*", "lies inside"),
+    ("s3://b/x", "s3://b/x/", "is"), ("s3://b/x", "s3://b/xy", ""), ("s3://b", "s3://b/x/*.gz", "contains"),
+])
+def test_output_and_input_overlap(output, source, relation):
+    from uniner.storage import overlap
+
+    assert overlap(output, source) == relation
+
+
+def test_a_pipeline_stage_whose_output_meets_its_input_is_refused(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"workdir: {tmp_path / 'w'}\nstages: [passages]\npassages: {{input: {tmp_path / 'w'}}}\n")
+    (tmp_path / "w").mkdir()
+    _assert_one_line_error(run_cli("pipeline", str(config), "--dry-run"), "lies inside the --input")

@@ -19,8 +19,25 @@ def test_cluster_yaml_passes_rays_own_schema():
     assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
     assert {"cpu_pool", "gpu_pool"} <= set(nodes) and all(nodes[n]["min_workers"] == 0 for n in ("cpu_pool", "gpu_pool"))
     assert nodes["gpu_pool"]["node_config"]["InstanceType"] in {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "g5.48xlarge"}
-    assert any("install.sh --gpu" in c for c in nodes["gpu_pool"]["worker_setup_commands"])
-    assert config["file_mounts"] == {"~/uniner": "."}
+    assert any("install.sh --gpu --cluster" in c for c in nodes["gpu_pool"]["worker_setup_commands"])
+    assert config["file_mounts"] == {"~/uniner": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+
+
+def test_every_node_can_serve_jobs_with_token_authentication():
+    """`ray job submit` needs the dashboard's job server, which `ray[data,train]` alone lacks (it is `ray[default]`),
+    and the same token mode on every node."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("ray[default,") or r.startswith("ray[default]") for r in extras["cluster"])
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for commands in (config["head_setup_commands"], config["worker_setup_commands"]):
+        assert any("./install.sh --cluster" in c for c in commands)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in commands)
+    assert 'pip install --no-cache-dir ".[gpu,cluster]"' in (ROOT / "jobs" / "Dockerfile").read_text()
+    job = yaml.safe_load((ROOT / "jobs" / "rayjob.yaml").read_text())
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
 def test_rayjob_matches_the_cluster_shape():

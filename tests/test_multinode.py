@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from test_annotate import SECRET, FaultServer
+from fault_server import SECRET, FaultServer
 
 STAGES = ["passages", "annotate", "build-data", "train", "extract"]
 

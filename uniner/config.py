@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -36,9 +36,32 @@ class StageConfig:
         "", "S3-compatible endpoint for s3:// locations; empty: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS."
     )
     overwrite: bool = setting(False, "Replace an existing output instead of stopping with an error.")
+    # The settings that name what the stage reads; `model` counts only where it is a folder or s3:// prefix.
+    reads: ClassVar[tuple[str, ...]] = ("input",)
 
     def check(self) -> None:
         """Raise UserError for settings that cannot work together; subclasses add their own rules."""
+
+    def check_output_apart(self) -> None:
+        """Refuse an output that is, contains or lies inside an input: emptying it would delete what the stage
+        reads, and its parts would mix with the input's."""
+        from uniner import storage
+
+        output = getattr(self, "output", "")
+        for name in self.reads:
+            value = getattr(self, name)
+            for source in value if isinstance(value, list) else [value]:
+                if not output or not source or (name == "model" and not _is_location(source)):
+                    continue
+                relation = storage.overlap(output, source)
+                if relation:
+                    flag = name.replace("_", "-")
+                    raise UserError(f"--output {output} {relation} the --{flag} {source}: writing it would delete or "
+                                    "mix into what this stage reads; choose an output folder apart from the inputs")
+
+
+def _is_location(spec: str) -> bool:
+    return spec.startswith("s3://") or Path(spec).expanduser().exists()
 
 
 def _require(value: str, flag: str, what: str) -> None:
@@ -163,6 +186,7 @@ class BuildDataConfig(StageConfig):
 class TrainConfig(StageConfig):
     """`uniner train`: instruction-tune the student on conversations with Ray Train."""
 
+    reads: ClassVar[tuple[str, ...]] = ("data", "model")
     data: str = setting("", "Conversations (Pile-NER train.json shape): a .json list, .jsonl or Parquet file or folder, local or s3://.")
     output: str = setting("", "Output folder (local or s3://): the trained model in Hugging Face format, metrics.jsonl, checkpoints.")
     model: str = setting(BUILTIN_MODEL, "Student model spec: built-in name, local folder, s3:// prefix or hub id.")
@@ -219,6 +243,7 @@ class TrainConfig(StageConfig):
 class ExtractConfig(StageConfig):
     """`uniner extract`: any entity types over a document lake with a UniNER-style model."""
 
+    reads: ClassVar[tuple[str, ...]] = ("input", "model")
     input: str = setting("", "Documents, read like `uniner passages` input: a file, directory or glob, local or s3://.")
     output: str = setting("", "Output directory (local or s3://): one row per document, plus _summary.json and _export/.")
     types: list = setting([], "Entity types to extract, comma-separated; or @FILE (local or s3://) with one type per line.")
@@ -261,6 +286,7 @@ class ExtractConfig(StageConfig):
 class EvaluateConfig(StageConfig):
     """`uniner evaluate`: official UniNER F1 per dataset, with our span F1 beside it."""
 
+    reads: ClassVar[tuple[str, ...]] = ("data", "predictions", "model")
     data: list = setting([], "Evaluation files, comma-separated: UniNER evaluation JSON/JSONL, or BIO/CoNLL files.")
     output: str = setting("", "Report directory: report.json, report.md, report.png (and predictions.jsonl when a model runs).")
     model: str = setting("", "Model spec to run; leave empty when scoring --predictions.")
@@ -427,6 +453,7 @@ def load_config(cls: type, *, yaml_path: str | None, overrides: dict[str, Any]) 
         for name, value in overrides.items():
             setattr(merged, name, coerce(value, kinds[name], name, "on the command line"))
     merged.check()
+    merged.check_output_apart()
     return merged
 
 

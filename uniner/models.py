@@ -136,9 +136,13 @@ def _fetch_gguf(model: BuiltinModel, work: Path) -> Path:
 def _dequantize(gguf: Path, out: Path) -> None:
     """GGUF -> a plain LlamaForCausalLM in safetensors, with tokenizer, loadable by transformers and vLLM."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("Dequantizing %s into a safetensors model folder (once, about 30 s)...", gguf.name)
+    if not sys.stderr.isatty():  # progress bars written line by line would fill a job's log
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config

@@ -74,6 +74,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
                 raise UserError(f"unknown setting {key!r} for stage {name} {where}")
             setattr(config, key, coerce(value, kinds[key], key, f"of stage {name} {where}"))
         config.check()
+        config.check_output_apart()
         configs[name] = config
         outputs[name] = config.output
     return pipeline, configs

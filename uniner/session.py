@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from uniner.errors import UserError
 
@@ -25,6 +26,7 @@ def init_ray(*, num_cpus: int | None = None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as error:
             reason = " ".join(str(error).split())[:200]
             raise UserError(f"cannot connect to Ray at {address} ({reason}): start the cluster, or unset RAY_ADDRESS to run locally") from None
+        _quiet_data_progress()
         return
     cpus = num_cpus or os.cpu_count() or 1
     log.info("Starting an embedded local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
@@ -32,8 +34,18 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     global _embedded_gcs_address
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
+    _quiet_data_progress()
+
+
+def _quiet_data_progress() -> None:
+    """uniner logs its own progress. Ray Data's bars stay where they redraw in place (a terminal); in a job's log
+    (`ray job logs -f`) they would be blocks of lines every few seconds."""
+    import ray
+
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
+    if not sys.stderr.isatty():
+        context.enable_progress_bars = False
 
 
 def embedded() -> bool:

@@ -8,6 +8,7 @@ Failures become one-line `UserError`s that name the location and the likely fix.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -89,6 +90,36 @@ def locate(uri: str, *, s3_endpoint_url: str = "") -> Location:
         raise UserError(f"unsupported location scheme {scheme}:// in {uri}: use a local path or s3://")
     path = os.path.abspath(os.path.expanduser(uri))
     return Location(path, pafs.LocalFileSystem(), path)
+
+
+def overlap(output: str, source: str) -> str:
+    """How an output location meets an input (a path, glob or s3:// URI): "is", "contains", "lies inside" or ""
+    when they are apart. Writing an output that meets an input would delete or mix into what the stage reads."""
+
+    def canonical(uri: str) -> str:
+        if uri.startswith("s3://"):
+            return uri.rstrip("/")
+        return os.path.realpath(os.path.expanduser(uri))
+
+    out, src = canonical(output), canonical(source)
+    if GLOB_CHARS.search(source):
+        base = canonical(GLOB_CHARS.split(source, 1)[0].rsplit("/", 1)[0] or ".")
+        if out == base or src.startswith(out + "/") or base.startswith(out + "/"):
+            return "contains"
+        matched = any(fnmatch.fnmatchcase(parent, src) for parent in [out, *_parents(out)])
+        return "lies inside" if matched else ""
+    if out == src:
+        return "is"
+    if src.startswith(out + "/"):
+        return "contains"
+    if out.startswith(src + "/"):
+        return "lies inside"
+    return ""
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.rstrip("/").split("/")
+    return ["/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _reason(error: BaseException) -> tuple[str, str]:
