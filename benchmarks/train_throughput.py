@@ -53,7 +53,7 @@ def worker_windows(config) -> list[dict]:
     from uniner.session import init_ray
 
     init_ray()
-    data = train.trainable(train.tokenize(config, resolve_model(config.model)))
+    data = train.trainable(train.tokenize(config, resolve_model(config.model), train.data_files(config)))
     windows = list(train.epoch_windows(data.iterator(), config, epoch=0, rank=0))
     ray.shutdown()
     return windows

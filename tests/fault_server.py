@@ -60,6 +60,14 @@ class FaultServer:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if status == -2:  # a proxy's login page, with status 200
+                    page = b"<html><body><h1>Proxy login required</h1></body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 if status == 0:
                     time.sleep(6)  # past the client's timeout
                     status, content, finish = 200, '[("late", "answer")]', "stop"
@@ -89,7 +97,8 @@ class FaultServer:
         return Handler
 
     def behave(self, passage: str, nth: int) -> tuple[int, str, str, dict]:
-        """(HTTP status or 0 for "too slow", content, finish_reason, headers) for the nth request of a passage."""
+        """(HTTP status, or 0 for "too slow", -1 for a dropped connection, -2 for an HTML page; content, finish_reason,
+        headers) for the nth request of a passage."""
         name = passage.split()[0]
         if passage.startswith("RATELIMITED") and nth == 1:
             return 429, "slow down", "", {"Retry-After": "1"}
@@ -99,6 +108,8 @@ class FaultServer:
             return -1, "", "", {}
         if passage.startswith("SLOW") and nth == 1:
             return 0, "", "", {}
+        if passage.startswith("PROXY"):
+            return -2, "", "", {}
         if passage.startswith("BROKEN"):
             return 503, "unavailable", "", {}
         if passage.startswith("LEAKY"):

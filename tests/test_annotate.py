@@ -150,7 +150,7 @@ def fault_config(server, passages, output, tmp_path, **overrides):
 def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_session):
     texts = ["RATELIMITED Alice went home.", "FLAKY Bob went out.", "SLOW Carol sat down.", "BROKEN Dan stood up.",
              "REFUSE Eve left.", "GARBLED Fay came.", "CUTOFF Gus ran off to Paris.", "LEAKY Hal sang.",
-             "Ivy waved.", "Jon nodded.", "DROPPED Kay hummed."]
+             "Ivy waved.", "Jon nodded.", "DROPPED Kay hummed.", "PROXY Lee smiled."]
     server = FaultServer()
     passages = write_passages(tmp_path / "passages", texts)
     config = fault_config(server, passages, tmp_path / "out", tmp_path)
@@ -162,10 +162,10 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     status = {text.split()[0]: rows[text]["status"] for text in texts}
     assert status == {"RATELIMITED": "ok", "FLAKY": "ok", "SLOW": "ok", "BROKEN": "error", "REFUSE": "refused",
                       "GARBLED": "malformed", "CUTOFF": "ok", "LEAKY": "error", "Ivy": "ok", "Jon": "ok",
-                      "DROPPED": "ok"}
+                      "DROPPED": "ok", "PROXY": "error"}
     counts = {text.split()[0]: server.count(text) for text in texts}
     assert counts == {"RATELIMITED": 2, "FLAKY": 2, "SLOW": 2, "BROKEN": 3, "REFUSE": 1, "GARBLED": 1, "CUTOFF": 1,
-                      "LEAKY": 1, "Ivy": 1, "Jon": 1, "DROPPED": 2}
+                      "LEAKY": 1, "Ivy": 1, "Jon": 1, "DROPPED": 2, "PROXY": 1}
     limited = server.requests["RATELIMITED Alice went home."]
     assert limited[1] - limited[0] >= 1.0  # Retry-After: 1 was honoured
     assert rows["Ivy waved."]["entities"] == [{"text": "Ivy", "type": "word", "in_passage": True},
@@ -175,20 +175,29 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     assert "cut off" in rows["CUTOFF Gus ran off to Paris."]["error"]
     assert "after 3 attempts" in rows["BROKEN Dan stood up."]["error"]
     assert SECRET not in rows["LEAKY Hal sang."]["error"] and "***" in rows["LEAKY Hal sang."]["error"]
+    assert "not a chat completion" in rows["PROXY Lee smiled."]["error"] and "Proxy login" in rows["PROXY Lee smiled."]["error"]
     assert server.keys == {f"Bearer {SECRET}"}
 
-    assert summary["passages_stored"] == 11 and summary["status"]["ok"] == 7
+    assert summary["passages_stored"] == 12 and summary["status"]["ok"] == 7
+    assert summary["incomplete"].startswith("3 of 12 passages ended in error")
     assert summary["entities"] == 7 * 2 - 1 and summary["entities_not_in_passage"] == 6
     assert summary["this_run"]["requests"] == sum(counts.values()) and summary["this_run"]["answered_from_cache"] == 0
     assert summary["tokens"]["output"] == 9 * 12 and summary["cost_estimate_usd"] > 0
     written = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert written["types"]["types"] == summary["types"]["types"] == 3  # word, island, signal
 
-    # The same command again: everything is stored, so not one request is sent.
-    before = sum(server.count(t) for t in texts)
+    # The same command again: only the passages stored as errors are asked again, each stored once.
+    before = {t: server.count(t) for t in texts}
     again = run(config)
-    assert sum(server.count(t) for t in texts) == before and again["this_run"]["requests"] == 0
-    assert read_output(tmp_path / "out").num_rows == 11
+    asked = {t.split()[0]: server.count(t) - before[t] for t in texts if server.count(t) > before[t]}
+    assert asked == {"BROKEN": 3, "LEAKY": 1, "PROXY": 1} and again["this_run"]["requests"] == 5
+    stored = read_output(tmp_path / "out")["passage_id"].to_pylist()
+    assert sorted(stored) == [f"p{i:04d}" for i in range(len(texts))]
+    # --retry malformed: the malformed answer is asked again (from the cache: the question is the same), errors kept.
+    before = {t: server.count(t) for t in texts}
+    retried = run(fault_config(server, passages, tmp_path / "out", tmp_path, retry=["malformed"]))
+    assert retried["this_run"]["answered_from_cache"] == 1 and retried["this_run"]["requests"] == 0
+    assert {t: server.count(t) for t in texts} == before and read_output(tmp_path / "out").num_rows == 12
 
     # The same output with another teacher: one line that names the change and the fix.
     with pytest.raises(UserError, match="holds annotations made with other settings.*'fault-teacher' -> 'other'.*--overwrite"):
@@ -196,7 +205,7 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
 
     # A fresh output with the same settings: answers come from the cache; only the errors are asked again.
     fresh = run(fault_config(server, passages, tmp_path / "out2", tmp_path))
-    assert sum(server.count(t) for t in texts) == before + 3 + 1  # BROKEN: 3 attempts, LEAKY: 1
+    assert sum(server.count(t) for t in texts) == sum(before.values()) + 3 + 1 + 1  # BROKEN: 3 attempts, LEAKY, PROXY
     assert fresh["this_run"]["answered_from_cache"] == 9 and fresh["this_run"]["cost_estimate_usd"] == 0
     for path in [*(tmp_path / "out").rglob("*"), *(tmp_path / "cache").rglob("*")]:
         if path.is_file():
@@ -362,3 +371,34 @@ def test_happy_path_against_vllm(tmp_path, vllm_server, worker_env, ray_session,
     assert set(table["teacher_model"].to_pylist()) == {"smol-teacher"}
     assert summary["passages_stored"] == 3 and summary["this_run"]["requests"] == 3
     assert summary["cost_estimate_usd"] > 0
+
+
+def test_an_unreachable_teacher_stops_the_run_after_the_first_retries(tmp_path, worker_env, ray_session):
+    with socket.socket() as probe:  # a port with nothing behind it
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    passages = write_passages(tmp_path / "passages", [f"Name{i} walked home." for i in range(30)])
+    config = AnnotateConfig(input=passages, output=str(tmp_path / "out"), base_url=url, model="m", max_retries=2,
+                            concurrency=2, num_actors=1, batch_size=2, cache="off")
+    with pytest.raises(UserError, match=rf"the teacher endpoint {url} cannot be reached \(APIConnectionError.*after 3 "
+                                        r"attempts\)\): check --base-url and that the server is up"):
+        run(config)
+    assert read_output(tmp_path / "out").num_rows == 0  # no passage was stored as an error
+
+
+def test_a_run_with_errors_exits_3_and_a_rerun_asks_only_for_those(tmp_path, worker_env):
+    server = FaultServer()
+    passages = write_passages(tmp_path / "passages", ["BROKEN Dan stood up.", "Ivy waved."])
+    args = ["annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", server.url,
+            "--api-key-env", "UNINER_TEST_KEY", "--max-retries", "0", "--cache", "off"]
+    result = run_cli(*args)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "uniner annotate: incomplete" in result.stdout and "error 1" in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("uniner: error: annotate: 1 of 2 passages ended in error (first: InternalServerError 503")
+    assert "run the same command again" in last
+    assert "a passage ended in error" in result.stderr  # said as it happened, not only at the end
+    assert (server.count("BROKEN Dan stood up."), server.count("Ivy waved.")) == (1, 1)
+    assert run_cli(*args).returncode == 3
+    assert (server.count("BROKEN Dan stood up."), server.count("Ivy waved.")) == (2, 1)
+    server.stop()

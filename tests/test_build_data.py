@@ -174,8 +174,12 @@ def test_conversation_files_are_validated(tmp_path):
                                  "records skipped: no question with an answer": 1}
     bad_answer = {"id": "c", "conversations": good["conversations"][:3] + [{"from": "gpt", "value": "Paris"}]}
     source.write_text(json.dumps([good, bad_answer]))
-    with pytest.raises(UserError, match=r"record 1 \(id c\): answer in turn 3 is not a JSON list"):
+    with pytest.raises(UserError, match=r"record 2 \(id c\): answer in turn 3 is not a JSON list"):
         _build(tmp_path, input=str(source), overwrite=True)
+    lines = tmp_path / "train.jsonl"  # the line that breaks is named, counted from the top of the file
+    lines.write_text(json.dumps(good) + "\n\n" + json.dumps(good)[:40] + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(UserError, match=r"train.jsonl:3: not valid JSON \(.* at column \d+\): fix or remove that line"):
+        _build(tmp_path, input=str(lines), overwrite=True)
 
 
 def test_crossner_sentence_to_conversation(tmp_path, shared_data):
@@ -220,17 +224,19 @@ def test_eval_queries_one_per_sentence_and_type(tmp_path):
     ]
 
 
-def test_bio_repairs_and_errors_name_file_and_line(tmp_path):
+def test_bio_repairs_and_errors_name_file_and_line(tmp_path, caplog):
     source = tmp_path / "x.txt"
     source.write_text("New\tB-location\nYork\tI-location\nGoogle\tI-organisation\n")
-    data = bio.read_bio(str(source))
+    with caplog.at_level("WARNING", logger="uniner.bio"):
+        data = bio.read_bio(str(source))
+    assert f"{source}: 1 x I- tag starting an entity (read as B-)" in caplog.text  # said as it is read
     assert [(e.text, e.type) for e in data.sentences[0].entities] == [("New York", "location"), ("Google", "organization")]
     assert data.repairs == Counter({"I- tag starting an entity (read as B-)": 1})
     source.write_text("a\tO\nb\tO\textra\n")
-    with pytest.raises(UserError, match=r"^x.txt:2: expected 2 tab-separated columns"):
+    with pytest.raises(UserError, match=rf"^{source}:2: expected 2 tab-separated columns"):
         bio.read_bio(str(source))
     source.write_text("a\tQ-x\n")
-    with pytest.raises(UserError, match=r"^x.txt:1: tag 'Q-x'"):
+    with pytest.raises(UserError, match=rf"^{source}:1: tag 'Q-x'"):
         bio.read_bio(str(source))
     source.write_text("\n\n")
     with pytest.raises(UserError, match="holds no sentences"):

@@ -1,5 +1,6 @@
 """The `uniner` command as a user meets it: help, dry runs, and one clear line for bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -21,8 +22,8 @@ def test_help_lists_the_seven_subcommands():
 def test_stage_help_documents_every_setting(stage):
     result = run_cli(stage, "--help")
     assert result.returncode == 0
-    for name in STAGE_CONFIGS[stage].__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in result.stdout
+    for spec in dataclasses.fields(STAGE_CONFIGS[stage]):
+        assert "--" + spec.name.replace("_", "-") in result.stdout
     assert "--dry-run" in result.stdout and "--config" in result.stdout
 
 
@@ -132,3 +133,55 @@ def test_a_pipeline_stage_whose_output_meets_its_input_is_refused(tmp_path):
     config.write_text(f"workdir: {tmp_path / 'w'}\nstages: [passages]\npassages: {{input: {tmp_path / 'w'}}}\n")
     (tmp_path / "w").mkdir()
     _assert_one_line_error(run_cli("pipeline", str(config), "--dry-run"), "lies inside the --input")
+
+
+def test_a_set_mistake_is_blamed_on_the_set_and_yaml_lists_are_read(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"workdir: {tmp_path / 'w'}\nsample_corpus_docs: 5\nstages: [passages]\n")
+    _assert_one_line_error(run_cli("pipeline", str(config), "--set", "passages.max_tokens=abc", "--dry-run"),
+                           "setting 'max_tokens' in --set passages.max_tokens=abc: expected an integer")
+    _assert_one_line_error(run_cli("pipeline", str(config), "--set", "passages.max_tokenz=9", "--dry-run"),
+                           "--set passages.max_tokenz=9: unknown setting 'max_tokenz' for stage passages")
+    result = run_cli("pipeline", str(config), "--set", "stages=[passages, annotate]", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "stages:\n- passages\n- annotate\n" in result.stdout
+
+
+def test_options_are_spelt_out_and_switches_take_true_or_false(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Bonjour.")
+    base = ["passages", "--input", str(docs), "--output", str(tmp_path / "o"), "--dry-run"]
+    _assert_one_line_error(run_cli(*base, "--max-token", "9"), "has no option '--max-token'", "did you mean --max-tokens?")
+    for switch, value in ((["--dedup", "false"], "false"), (["--no-dedup"], "false"), (["--dedup"], "true")):
+        result = run_cli(*base, *switch)
+        assert result.returncode == 0 and f"dedup: {value}" in result.stdout, result.stderr
+    usage = run_cli("passages", "--help").stdout
+    assert "(required)" in usage.split("--input STR", 1)[1].split("--output", 1)[0] and "(default: '')" not in usage
+
+
+def test_a_folder_without_documents_is_one_line(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.md").write_text("# Notes")
+    (docs / "table.csv").write_text("a,b\n")
+    _assert_one_line_error(run_cli("passages", "--input", str(docs), "--output", str(tmp_path / "o")),
+                           "none of the 2 files", "found .csv, .md", "--input-format txt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_row_of_the_bad_input_table_names_a_test_that_exists():
+    """docs/errors.md says what a user sees for each kind of bad input; each row names the test that pins it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [line for line in (root / "docs" / "errors.md").read_text().splitlines() if line.startswith("| ") and "`" in line]
+    named = 0
+    for row in rows:
+        test_file = None
+        for file, name in re.findall(r"`(test_\w+\.py)?::(test_\w+)`", row):
+            test_file = file or test_file
+            assert f"def {name}(" in (root / "tests" / test_file).read_text(), (test_file, name)
+            named += 1
+    assert named >= 15

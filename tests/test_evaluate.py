@@ -141,7 +141,7 @@ def test_predictions_with_ids_in_several_datasets_need_the_dataset(tmp_path, eva
         run(config)
     predictions.write_text(json.dumps({"dataset": "other", "id": "7", "output": '["Ada", "Bob"]'}) + "\n")
     summary = run(EvaluateConfig(data=[eval_files[1], str(other)], predictions=str(predictions),
-                                 output=str(tmp_path / "r"), overwrite=True))
+                                 output=str(tmp_path / "r"), overwrite=True, allow_missing=True))
     assert summary["datasets"]["other"]["f1"] == pytest.approx(1.0) and summary["datasets"]["people"]["missing_predictions"] == 1
 
 
@@ -152,3 +152,29 @@ def test_cli_errors_are_one_line(tmp_path, eval_files):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "p.jsonl:1" in result.stderr
     result = run_cli("evaluate", "--data", eval_files[1], "--output", str(tmp_path / "r"))
     assert result.returncode == 2 and "exactly one of --model" in result.stderr
+
+
+@pytest.mark.parametrize("lines, problem", [
+    ([{"id": "7", "output": "[]"}], "answer 1 of 5 queries: predict them all"),
+    ([], "answer 0 of 5 queries"),
+    ([{"id": "7", "output": "[]"}, {"id": "7", "output": '["Ada"]'}], "p.jsonl:2: a second prediction for id '7' of people "
+                                                                      "(the first is at .*p.jsonl:1)"),
+    ([["7", "[]"]], r"p.jsonl:1: expected a JSON object \{"),
+])
+def test_predictions_that_leave_queries_out_or_repeat_are_refused(tmp_path, eval_files, lines, problem):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = EvaluateConfig(data=eval_files, predictions=str(predictions), output=str(tmp_path / "r"))
+    with pytest.raises(UserError, match=problem):
+        run(config)
+    assert not (tmp_path / "r").exists()  # refused before the output is touched
+
+
+def test_allow_missing_scores_what_is_there_and_states_the_coverage(tmp_path, eval_files):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"id": "7", "output": '["Ada", "Bob"]'}) + "\n")
+    result = run_cli("evaluate", "--data", ",".join(eval_files), "--predictions", str(predictions),
+                     "--output", str(tmp_path / "r"), "--allow-missing")
+    assert result.returncode == 0, result.stderr
+    assert "predictions cover 20.0% of 5 queries; the rest count as empty answers" in result.stdout
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["coverage"] == pytest.approx(0.2)

@@ -46,3 +46,37 @@ def test_dry_run_of_a_fresh_recipe_plans_every_stage(tmp_path):
     assert "(reads the output of build-data, written first)" in result.stdout
     assert "(reads the output of train, written first)" in result.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_is_skipped_only_with_the_settings_it_ran_with(tmp_path, ray_session, tiny_model_dir, capsys):
+    """An empty output is never taken as finished, and changed settings are named with the fix."""
+    import json
+
+    import pytest
+
+    from uniner.errors import UserError
+    from uniner.pipeline import run_file
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text("".join(json.dumps({"body": f"Ada Lovelace wrote notes number {i} in London."}) + "\n"
+                                          for i in range(4)))
+    recipe = tmp_path / "recipe.yaml"
+
+    def write(text_field: str, max_tokens: int) -> None:
+        recipe.write_text(f"workdir: {tmp_path}/run\nstages: [passages]\npassages: {{input: {docs}, tokenizer: "
+                          f"{tiny_model_dir}, text_field: {text_field}, max_tokens: {max_tokens}, min_tokens: 1}}\n")
+
+    write("text", 64)  # the documents hold `body`: no passage at all
+    with pytest.raises(UserError, match="stage passages wrote 0 records to .*: check its input and settings"):
+        run_file(str(recipe), overrides=[], dry_run=False)
+    write("body", 64)  # fixed: the empty output is not "finished", so the stage runs again
+    assert run_file(str(recipe), overrides=[], dry_run=False) == 0
+    assert "passages written:  4" in capsys.readouterr().out
+    assert run_file(str(recipe), overrides=[], dry_run=False) == 0  # same settings: skipped
+    write("body", 32)
+    with pytest.raises(UserError, match=r"stage passages finished earlier in .* with other settings \(max_tokens 64 -> 32\): "
+                                        r"add --set passages.overwrite=true"):
+        run_file(str(recipe), overrides=[], dry_run=False)
+    assert run_file(str(recipe), overrides=["passages.overwrite=true"], dry_run=False) == 0
+    assert run_file(str(recipe), overrides=[], dry_run=False) == 0  # now finished with these settings

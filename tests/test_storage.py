@@ -50,6 +50,16 @@ def test_prepare_output_refuses_to_clobber_without_overwrite(root):
     assert not storage.exists(out.join("part.parquet"))
 
 
+def test_prepare_output_clears_what_an_interrupted_run_left(root):
+    out = root.join("out")
+    storage.write_text(out.join("_work/staging/part-0.parquet"), "x")  # Ctrl-C mid-stage leaves only work files
+    storage.prepare_output(out, overwrite=False)
+    assert not storage.exists(out.join("_work/staging/part-0.parquet"))
+    storage.write_text(out.join("_summary.json"), "{}")  # a finished stage is not leftovers
+    with pytest.raises(UserError, match="already holds files"):
+        storage.prepare_output(out, overwrite=False)
+
+
 def test_delete_tree(root):
     storage.write_text(root.join("t/a.txt"), "x")
     storage.delete_tree(root.join("t"))
@@ -94,3 +104,68 @@ def test_bad_locations(uri, message):
 def test_bad_endpoint_url():
     with pytest.raises(UserError, match="is not a URL"):
         storage.locate("s3://b/k", s3_endpoint_url="localhost")
+
+
+class RotatingCredentials:
+    """A container credentials endpoint (what ECS and EKS give a task) that hands out credentials expiring in 3 s,
+    new ones on every request; it counts the requests."""
+
+    def __init__(self):
+        import datetime
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[float] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.requests.append(time.time())
+                expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+                body = json.dumps({"AccessKeyId": f"ASIA{len(outer.requests):012d}", "SecretAccessKey": "rotating",
+                                   "Token": "session", "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/credentials"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_expiring_credentials_are_refreshed_during_a_long_job(s3_endpoint, tmp_path):
+    """A copy of temporary credentials taken at start would expire mid-job: storage keeps asking their source."""
+    import os
+    import subprocess
+    import sys
+
+    credentials = RotatingCredentials()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONTAINER_CREDENTIALS_FULL_URI=credentials.url, AWS_DEFAULT_REGION="us-east-1",
+               AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
+    job = f"""
+import time, boto3
+from uniner import storage
+boto3.client("s3", endpoint_url="{s3_endpoint}").create_bucket(Bucket="rotation")
+assert boto3.Session().get_credentials().method == "container-role"
+location = storage.locate("s3://rotation/run", s3_endpoint_url="{s3_endpoint}")
+print("started", time.time(), flush=True)
+for part in range(3):  # a job that outlives its first credentials
+    storage.write_text(location.join(f"part-{{part}}.txt"), str(part))
+    time.sleep(4)
+print(storage.read_text(location.join("part-2.txt")))
+"""
+    result = subprocess.run([sys.executable, "-c", job], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    started = float(result.stdout.split("started ")[1].split()[0])
+    assert result.stdout.strip().endswith("2")
+    assert sum(t > started for t in credentials.requests) >= 2  # asked again as they expired, not copied once
+    credentials.server.shutdown()

@@ -238,7 +238,7 @@ def test_jsonl_and_parquet_conversations_are_read(suffix, tmp_path, ray_session)
         path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     else:
         pq.write_table(pa.Table.from_pylist(conversations), path)
-    rows = train.read_conversations(TrainConfig(data=str(tmp_path), output="unused")).take_all()
+    rows = train.read_conversations(train.data_files(TrainConfig(data=str(tmp_path), output="unused"))).take_all()
     assert [_turns(row) for row in rows] == [_turns(c) for c in conversations]
 
 
@@ -260,4 +260,26 @@ def test_dry_run_plans_without_training(tmp_path):
     result = run_cli("train", "--config", "jobs/train-cpu.yaml", "--data", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "o"), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "32 conversations per step" in result.stdout and "DDP, fp32" in result.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("problem", ["bad line", "wrong shape", "missing"])
+def test_bad_training_data_is_one_line_naming_the_file_and_line_before_ray_starts(tmp_path, problem):
+    from conftest import run_cli
+
+    data = tmp_path / "conv.jsonl"
+    good = [json.dumps(c) for c in synthetic_conversations(3)]
+    if problem == "bad line":
+        data.write_text("\n".join([good[0], good[1][:30], good[2]]) + "\n")
+        expected = f"{data}:2: not valid JSON"
+    elif problem == "wrong shape":
+        data.write_text("\n".join([good[0], good[1], json.dumps({"id": "x", "text": "Ada met Bob."})]) + "\n")
+        expected = f"{data}:3: expected"
+    else:
+        expected = "does not exist"
+    result = run_cli("train", "--data", str(data), "--output", str(tmp_path / "o"), "--max-steps", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("uniner: error: ") and expected in lines[-1], lines[-1]
+    assert "Traceback" not in result.stderr and "Ray" not in result.stderr and len(lines) <= 2
     assert not (tmp_path / "o").exists()

@@ -149,7 +149,8 @@ def run_identity(config: AnnotateConfig) -> dict[str, Any]:
 
 
 def open_output(output: storage.Location, config: AnnotateConfig) -> set[str]:
-    """Prepare the output for this run; returns the passage ids it already holds (a resumed run skips them)."""
+    """Prepare the output for this run; returns the passage ids it keeps (a resumed run skips them). Stored rows
+    whose status is in `config.retry` are taken out, so that this run asks for those passages again."""
     identity = run_identity(config)
     run_file = output.join(RUN_FILE)
     if not config.overwrite and storage.exists(run_file):
@@ -158,28 +159,54 @@ def open_output(output: storage.Location, config: AnnotateConfig) -> set[str]:
             changed = ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in identity.items() if stored.get(k) != v)
             raise UserError(f"output {output} holds annotations made with other settings ({changed}): "
                             "pass --overwrite to start again, or choose another output")
-        return stored_ids(output)
+        return keep_stored(output, set(config.retry))
     storage.prepare_output(output, overwrite=config.overwrite)
     storage.write_json(run_file, identity)
     return set()
 
 
-def stored_ids(output: storage.Location) -> set[str]:
+def keep_stored(output: storage.Location, retry: set[str]) -> set[str]:
+    """Ids of the stored passages to keep; each part holding rows to retry is rewritten without them, in place
+    (a part is replaced whole, so a crash leaves either the old part or the new one)."""
+    kept: set[str] = set()
     with storage.storage_errors("read", output):
         dataset = pads.dataset(output.path, filesystem=output.fs, format="parquet", schema=ANNOTATION_SCHEMA)
-        return set(dataset.to_table(columns=["passage_id"])["passage_id"].to_pylist())
+        for fragment in dataset.get_fragments():
+            part = fragment.to_table(schema=ANNOTATION_SCHEMA)
+            again = pc.is_in(part["status"], value_set=pa.array(sorted(retry), pa.string()))
+            if pc.any(again).as_py():
+                part = part.filter(pc.invert(again))
+                replace_part(output, fragment.path, part)
+            kept.update(part["passage_id"].to_pylist())
+    return kept
+
+
+def stored_ids(output: storage.Location, retry: set[str]) -> set[str]:
+    """Ids of the stored passages that a rerun keeps (their status is not in `retry`)."""
+    with storage.storage_errors("read", output):
+        dataset = pads.dataset(output.path, filesystem=output.fs, format="parquet", schema=ANNOTATION_SCHEMA)
+        table = dataset.to_table(columns=["passage_id", "status"])
+    again = pc.is_in(table["status"], value_set=pa.array(sorted(retry), pa.string()))
+    return set(table.filter(pc.invert(again))["passage_id"].to_pylist())
 
 
 def write_part(output: storage.Location, table: pa.Table) -> None:
     """One Parquet part, visible under its final name only once complete (its `_` name is skipped by readers)."""
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    replace_part(output, output.join(f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet").path, table)
+
+
+def replace_part(output: storage.Location, path: str, table: pa.Table) -> None:
+    """Write `table` as the part at `path`, whole or not at all; an empty table removes the part."""
+    name = path.rsplit("/", 1)[-1]
     final, staging = output.join(name), output.join(f"_{name}")
     with storage.storage_errors("write", output):
-        if output.is_s3:  # an S3 object appears whole or not at all
+        if not table.num_rows:
+            output.fs.delete_file(final.path)
+        elif output.is_s3:  # an S3 object appears whole or not at all
             pq.write_table(table, final.path, filesystem=final.fs)
-            return
-        pq.write_table(table, staging.path, filesystem=staging.fs)
-        output.fs.move(staging.path, final.path)
+        else:
+            pq.write_table(table, staging.path, filesystem=staging.fs)
+            output.fs.move(staging.path, final.path)  # a rename: it replaces an older part of that name at once
 
 
 def read_api_key(config: AnnotateConfig) -> Secret:
@@ -203,7 +230,8 @@ class Progress:
     def __init__(self, config: AnnotateConfig, *, todo: int, stored_before: int):
         self.config, self.todo, self.stored_before = config, todo, stored_before
         self.statuses: Counter[str] = Counter()
-        self.billed_input = self.billed_output = self.requests = self.from_cache = 0
+        self.billed_input = self.billed_output = self.requests = self.retries = self.from_cache = 0
+        self.first_error = ""
         self.started = self.last_log = time.time()
         self.logged = 0  # passages counted in the last progress line
 
@@ -211,6 +239,11 @@ class Progress:
         self.statuses.update(table["status"].to_pylist())
         billed = pc.invert(table["from_cache"])
         self.requests += pc.sum(table["attempts"]).as_py() or 0
+        self.retries += sum(max(0, attempts - 1) for attempts in table["attempts"].to_pylist())
+        errors = [e for s, e in zip(table["status"].to_pylist(), table["error"].to_pylist()) if s == "error"]
+        if errors and not self.first_error:
+            self.first_error = errors[0]
+            log.warning("annotate: a passage ended in error (%s); it is stored as such, and a rerun asks again", errors[0])
         self.from_cache += pc.sum(table["from_cache"].cast(pa.int64())).as_py() or 0
         self.billed_input += pc.sum(pc.if_else(billed, table["input_tokens"], 0)).as_py() or 0
         self.billed_output += pc.sum(pc.if_else(billed, table["output_tokens"], 0)).as_py() or 0
@@ -222,8 +255,8 @@ class Progress:
         done = self.logged = sum(self.statuses.values())
         rate = done / max(1e-9, self.last_log - self.started)
         by_status = ", ".join(f"{s} {self.statuses[s]}" for s in STATUSES if self.statuses[s])
-        log.info("annotate: %d/%d passages (%s), %.1f/s, %d input + %d output tokens billed, ~$%.4f",
-                 done, self.todo, by_status or "none yet", rate, self.billed_input, self.billed_output,
+        log.info("annotate: %d/%d passages (%s), %d retries, %.1f/s, %d input + %d output tokens billed, ~$%.4f",
+                 done, self.todo, by_status or "none yet", self.retries, rate, self.billed_input, self.billed_output,
                  cost(self.billed_input, self.billed_output, self.config))
 
 
@@ -278,7 +311,8 @@ def plan(config: AnnotateConfig) -> list[str]:
     """What the stage would do and roughly what it costs, for --dry-run (no request is sent)."""
     passages = read_passages(config)
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
-    stored = stored_ids(output) if storage.exists(output.join(RUN_FILE)) and not config.overwrite else set()
+    resumes = storage.exists(output.join(RUN_FILE)) and not config.overwrite
+    stored = stored_ids(output, set(config.retry)) if resumes else set()
     todo = passages.filter(pc.invert(pc.is_in(passages["passage_id"], value_set=pa.array(list(stored), pa.string()))))
     input_tokens = sum(prompt_tokens(text, config.prompt_variant) for text in todo["text"].to_pylist())
     output_bound = todo.num_rows * config.max_tokens
@@ -310,6 +344,11 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     if todo.num_rows:
         annotate(todo, output, config, progress)
     summary = summarize(output, config, progress, passages=passages.num_rows, seconds=time.time() - started)
+    errors = summary["status"].get("error", 0)
+    if errors:
+        first = progress.first_error or "see the error column"
+        summary["incomplete"] = (f"{errors} of {passages.num_rows} passages ended in error (first: {first}); the others "
+                                 "are stored: run the same command again to ask for those passages again")
     storage.write_json(output.join(SUMMARY_FILE), summary)
     return summary
 
@@ -330,6 +369,7 @@ def summarize(output: storage.Location, config: AnnotateConfig, progress: Progre
         "prompt_version": prompt_version(config.prompt_variant),
         "passages_in_input": passages,
         "passages_stored": table.num_rows,
+        "records_written": table.num_rows,
         "stored_before_this_run": progress.stored_before,
         "status": {s: n for s, n in Counter(table["status"].to_pylist()).items()},
         "entities": len(entities),

@@ -7,6 +7,7 @@ entity has exact character offsets into that text.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -15,6 +16,8 @@ import yaml
 
 from uniner import storage
 from uniner.errors import UserError
+
+log = logging.getLogger(__name__)
 
 COLUMN_ORDERS = ("auto", "token-tag", "tag-token")
 
@@ -124,16 +127,18 @@ def read_bio(uri: str, *, column_order: str = "auto", label_map: dict[str, str |
         columns = line.split("\t")
         if len(columns) != 2:
             order = "token<TAB>tag" if column_order == "token-tag" else "tag<TAB>token"
-            raise UserError(f"{name}:{number}: expected 2 tab-separated columns ({order}), found {len(columns)}; "
+            raise UserError(f"{location}:{number}: expected 2 tab-separated columns ({order}), found {len(columns)}; "
                             "fix the line or check --bio-column-order")
         token, tag = columns if column_order == "token-tag" else reversed(columns)
         if not _is_tag(tag):
             hint = " (the columns may be swapped: check --bio-column-order)" if _is_tag(token) else ""
-            raise UserError(f"{name}:{number}: tag {tag!r} is not O, B-TYPE or I-TYPE{hint}")
+            raise UserError(f"{location}:{number}: tag {tag!r} is not O, B-TYPE or I-TYPE{hint}")
         rows.append((number, token, tag))
     if not sentences:
-        raise UserError(f"{name} holds no sentences: give a non-empty BIO file")
+        raise UserError(f"{location} holds no sentences: give a non-empty BIO file")
     types = [t for t, _ in label_counts.most_common() if t is not None]
+    for what, count in repairs.items():
+        log.warning("%s: %d x %s", location, count, what)
     return BioFile(name=name, sentences=sentences, types=types, repairs=repairs)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from uniner import bio, storage
-from uniner.config import BuildDataConfig
+from uniner.config import BuildDataConfig, to_dict
 from uniner.errors import UserError
 from uniner.formats import READ_ACK, question, text_turn
 
@@ -202,20 +202,6 @@ def from_annotations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str, 
 # ---------------------------------------------------------------- conversation files
 
 
-def load_records(location: storage.Location) -> list[Any]:
-    """Records of a `.json` list or a `.jsonl` file of the Pile-NER shape; a file that is neither is a UserError."""
-    text = storage.read_text(location)
-    try:
-        if location.path.endswith(".jsonl"):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{location}: not valid JSON (line {error.lineno}: {error.msg})") from None
-    if not isinstance(records, list):
-        raise UserError(f"{location}: expected a JSON list of {{id, conversations}} records")
-    return records
-
-
 def check_conversation(record: Any, where: str, counts: Counter) -> dict[str, Any] | None:
     """Validate one record of the Pile-NER shape. Unanswered trailing questions are dropped (a counted repair);
     a record with no question left is skipped (counted); anything else malformed is a UserError naming it."""
@@ -249,8 +235,8 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
     location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
     counts: Counter = Counter()
     records, mentions = [], Counter()
-    for number, raw in enumerate(load_records(location)):
-        record = check_conversation(raw, f"{location} record {number} (id {raw.get('id') if isinstance(raw, dict) else '?'})", counts)
+    for where, raw in storage.read_json_records(location):
+        record = check_conversation(raw, f"{where} (id {raw.get('id') if isinstance(raw, dict) else '?'})", counts)
         if record is None:
             continue
         turns = record["conversations"]
@@ -395,7 +381,8 @@ def run(config: BuildDataConfig) -> dict[str, Any]:
         storage.write_text(output.join(name), dump_records(records))
         log.info("wrote %d records to %s", len(records), output.join(name))
     summary = {"output": str(output), "files": {name: len(records) for name, records in outputs.items()},
-               "inputs": reports}
+               "records_written": sum(len(records) for records in outputs.values()), "inputs": reports,
+               "config": to_dict(config)}
     storage.write_json(output.join("_summary.json"), summary)
     return summary
 

@@ -130,9 +130,16 @@ class AnnotateConfig(StageConfig):
     )
     price_input_per_mtok: float = setting(0.0, "Price of one million input tokens, for the cost estimate.")
     price_output_per_mtok: float = setting(0.0, "Price of one million output tokens, for the cost estimate.")
+    retry: list = setting(
+        ["error"], "Statuses of stored passages that a rerun asks again, comma-separated (error, malformed, refused); "
+        "the others are kept."
+    )
 
     def check(self) -> None:
         _require(self.input, "input", "the passages to annotate (output of `uniner passages`)")
+        unknown = set(self.retry) - {"error", "malformed", "refused"}
+        if unknown:
+            raise UserError(f"--retry {','.join(sorted(unknown))} is not a status a rerun can retry: use error, malformed or refused")
         _require(self.output, "output", "the directory to write annotations to")
         if self.prompt_variant not in ("type", "definition"):
             raise UserError(f"unknown --prompt-variant {self.prompt_variant!r}: use type or definition")
@@ -291,6 +298,10 @@ class EvaluateConfig(StageConfig):
     output: str = setting("", "Report directory: report.json, report.md, report.png (and predictions.jsonl when a model runs).")
     model: str = setting("", "Model spec to run; leave empty when scoring --predictions.")
     predictions: str = setting("", "JSONL of {id, output} (plus dataset where ids repeat) to score instead of running a model.")
+    allow_missing: bool = setting(
+        False, "Score --predictions that leave queries unanswered, each counted as an empty answer; the report states "
+        "the coverage. Without it, such predictions are refused."
+    )
     sample_per_dataset: int = setting(0, "Evaluate a fixed seeded sample of this many records (BIO: sentences) per file; 0: all.")
     seed: int = setting(0, "Seed of the sample.")
     label_map: str = setting("", "BIO files: YAML/JSON mapping of labels to types (null drops one); empty: built-in maps.")
@@ -372,6 +383,11 @@ def coerce(value: Any, kind: Any, name: str, where: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise UserError(f"{problem}: expected true or false, got {value!r}")
     if kind is list:
+        if isinstance(value, str) and value.strip().startswith("["):  # YAML's flow syntax: [a, b]
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(f"{problem}: {value!r} is not a list; write a,b or [a, b]") from None
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         if isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
@@ -430,16 +446,28 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+# Settings a stage cannot run without; their help says so instead of showing an empty default.
+REQUIRED_WHEN_EMPTY = {"input", "output", "data"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--field-name` option per config field, documented with the field's help and default."""
+    """One `--field-name` option per config field, documented with the field's help and default. A true/false
+    setting takes `--name`, `--no-name`, or `--name true|false` as in YAML."""
     for spec in dataclasses.fields(cls):
         kind = field_types(cls)[spec.name]
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         flag = "--" + spec.name.replace("_", "-")
         shown = ",".join(default) if isinstance(default, list) else default
-        help_text = f"{spec.metadata['help']} (default: {shown!r})"
+        if shown != "":
+            note = f" (default: {shown!r})"
+        else:
+            note = " (required)" if spec.name in REQUIRED_WHEN_EMPTY else ""
+        help_text = spec.metadata["help"] + note
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=spec.name, nargs="?", const="true", default=argparse.SUPPRESS,
+                                metavar="true|false", help=help_text)
+            parser.add_argument("--no-" + flag[2:], dest=spec.name, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from uniner import storage
+from uniner.errors import UserError
 from uniner.storage import Location
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "txt"}
@@ -43,6 +45,17 @@ class ReaderSettings:
     input_format: str = "auto"
     text_field: str = "text"
     id_field: str = ""
+
+
+def document_files(uri: str, *, input_format: str, s3_endpoint_url: str) -> list[Location]:
+    """The files of a documents input; an input where no file has a format we read is one clear error (its files
+    would all be rejected, leaving nothing)."""
+    files = storage.list_files(storage.locate(uri, s3_endpoint_url=s3_endpoint_url))
+    if not any(detect_format(f.path, input_format)[0] for f in files):
+        kinds = sorted({posixpath.splitext(f.path)[1] or "(no extension)" for f in files})
+        raise UserError(f"none of the {len(files)} files at {uri} is .jsonl, .parquet or .txt (optionally .gz/.zst); "
+                        f"found {', '.join(kinds[:6])}: convert them, or pass --input-format txt to read them as text")
+    return files
 
 
 def detect_format(path: str, input_format: str = "auto") -> tuple[str | None, str | None]:

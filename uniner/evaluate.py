@@ -25,8 +25,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from uniner import bio, storage
-from uniner.build_data import check_conversation, dataset_name_of, eval_queries, load_records
-from uniner.config import EvaluateConfig
+from uniner.build_data import check_conversation, dataset_name_of, eval_queries
+from uniner.config import EvaluateConfig, to_dict
 from uniner.errors import UserError
 from uniner.formats import answer_text, official_list, parse_answer_lenient
 
@@ -111,11 +111,10 @@ def _sampled(keys: list[str], n: int, seed: int) -> set[str]:
 
 
 def _from_conversations(location: storage.Location, name: str, config: EvaluateConfig) -> list[Query]:
-    records = load_records(location)
-    keep = _sampled([str(r.get("id")) for r in records if isinstance(r, dict)], config.sample_per_dataset, config.seed)
+    records = storage.read_json_records(location)
+    keep = _sampled([str(r.get("id")) for _, r in records if isinstance(r, dict)], config.sample_per_dataset, config.seed)
     queries = []
-    for number, record in enumerate(records):
-        where = f"{location} record {number}"
+    for where, record in records:
         checked = check_conversation(record, where, counts := defaultdict(int))
         if checked is None or counts:
             raise UserError(f"{where}: an evaluation record must end with a question and its gold answer")
@@ -176,24 +175,41 @@ def read_predictions(config: EvaluateConfig, datasets: dict[str, list[Query]]) -
     for name, queries in datasets.items():
         for query in queries:
             owners[query.id].append(name)
-    outputs, unknown = {}, 0
-    for number, line in enumerate(storage.read_text(location).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            query_id, output = str(row["id"]), row["output"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{config.predictions}:{number}: expected {{\"id\": ..., \"output\": \"...\"}}") from None
+    outputs, unknown, first_line = {}, 0, {}
+    for where, row in storage.read_json_records(location, lines=True):
+        if not isinstance(row, dict) or "id" not in row or "output" not in row:
+            raise UserError(f"{where}: expected a JSON object {{\"id\": ..., \"output\": \"...\"}}, found {str(row)[:60]!r}")
+        query_id, output = str(row["id"]), row["output"]
         names = [row["dataset"]] if "dataset" in row else owners.get(query_id, [])
         if len(names) > 1:
-            raise UserError(f"{config.predictions}:{number}: id {query_id!r} is in several datasets "
+            raise UserError(f"{where}: id {query_id!r} is in several datasets "
                             f"({', '.join(names)}); add a \"dataset\" field to each prediction")
         if not names or query_id not in {q.id for q in datasets.get(names[0], [])}:
             unknown += 1
             continue
+        if (names[0], query_id) in first_line:
+            raise UserError(f"{where}: a second prediction for id {query_id!r} of {names[0]} (the first is at "
+                            f"{first_line[(names[0], query_id)]}): keep one prediction per query")
+        first_line[(names[0], query_id)] = where
         outputs[(names[0], query_id)] = output if isinstance(output, str) else json.dumps(output)
     return outputs, unknown
+
+
+def coverage(datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]) -> float:
+    """The share of queries that have a prediction."""
+    total = sum(len(queries) for queries in datasets.values())
+    covered = sum((name, q.id) in outputs for name, queries in datasets.items() for q in queries)
+    return covered / total if total else 1.0
+
+
+def check_coverage(config: EvaluateConfig, datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]) -> None:
+    """Predictions that leave queries out would score them as empty answers: refused unless asked for."""
+    total = sum(len(queries) for queries in datasets.values())
+    covered = round(coverage(datasets, outputs) * total)
+    if covered < total and not config.allow_missing:
+        raise UserError(f"--predictions {config.predictions} answer {covered} of {total} queries: predict them all "
+                        "(with the same --sample-per-dataset and --seed), or pass --allow-missing to count the rest as "
+                        "empty answers")
 
 
 def generate(config: EvaluateConfig, datasets: dict[str, list[Query]]) -> dict[tuple[str, str], str]:
@@ -340,17 +356,19 @@ def plan(config: EvaluateConfig) -> list[str]:
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
-    storage.prepare_output(output, overwrite=config.overwrite)
     datasets = load_queries(config)
-    started = time.time()
     unknown = 0
+    if not config.model:
+        outputs, unknown = read_predictions(config, datasets)
+        check_coverage(config, datasets, outputs)
+    storage.prepare_output(output, overwrite=config.overwrite)
+    started = time.time()
     if config.model:
         outputs = generate(config, datasets)
         lines = [json.dumps({"dataset": d, "id": i, "output": o}, ensure_ascii=False) for (d, i), o in outputs.items()]
         storage.write_text(output.join("predictions.jsonl"), "\n".join(lines) + "\n")
-    else:
-        outputs, unknown = read_predictions(config, datasets)
     scores = {name: score_dataset(queries, outputs) for name, queries in datasets.items()}
+    queries = sum(len(q) for q in datasets.values())
     report = {
         "subject": config.model or PurePosixPath(config.predictions).name,
         "protocol": "UniNER official: answer after the last ASSISTANT:, JSON list at its start, SQuAD normalization, "
@@ -358,6 +376,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "datasets": scores,
         "average_f1": sum(s["f1"] for s in scores.values()) / len(scores) if scores else 0.0,
         "unknown_predictions": unknown,
+        "coverage": coverage(datasets, outputs),
         "seconds": round(time.time() - started, 1),
     }
     storage.write_json(output.join("report.json"), report)
@@ -373,7 +392,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     summary = {"output": str(output), "average_f1": report["average_f1"],
                "datasets": {n: {k: s[k] for k in ("precision", "recall", "f1", "n_queries", "missing_predictions")}
                             for n, s in scores.items()},
-               "unknown_predictions": unknown}
+               "unknown_predictions": unknown, "queries": queries, "coverage": report["coverage"],
+               "config": to_dict(config)}
     storage.write_json(output.join("_summary.json"), summary)
     return summary
 
@@ -383,6 +403,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
              + (f"; {s['missing_predictions']} without a prediction" if s["missing_predictions"] else "")
              for name, s in summary["datasets"].items()]
     lines.append(f"average F1 {summary['average_f1']:.1%} (official protocol)")
+    if summary.get("coverage", 1.0) < 1.0:
+        lines.append(f"predictions cover {summary['coverage']:.1%} of {summary['queries']} queries; the rest count as "
+                     "empty answers (--allow-missing)")
     if summary["unknown_predictions"]:
         lines.append(f"{summary['unknown_predictions']} predictions matched no query")
     return lines + [f"report: {summary['output']}/report.md, report.json, report.png"]

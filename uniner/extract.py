@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 
 from uniner import spans, storage
 from uniner.config import ExtractConfig, to_dict
-from uniner.documents import Document, ReaderSettings, read_documents, relative_names
+from uniner.documents import Document, ReaderSettings, document_files, read_documents, relative_names
 from uniner.errors import UserError
 from uniner.formats import LLAMA_EOS, Template, parse_answer_lenient
 
@@ -295,13 +295,9 @@ def entity_types(config: ExtractConfig) -> list[str]:
     return list(dict.fromkeys(types))
 
 
-def list_inputs(config: ExtractConfig) -> list[storage.Location]:
-    return storage.list_files(storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url))
-
-
 def plan(config: ExtractConfig) -> list[str]:
     """What the stage would do, for --dry-run."""
-    files = list_inputs(config)
+    files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
     types = entity_types(config)
     exports = f"; exports to {config.output}/{EXPORT_DIR}: {', '.join(config.export)}" if config.export else ""
     return [
@@ -395,7 +391,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     backend = pick_backend(config.backend)
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
     model_dir = str(resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url))  # fetched once, here
-    files = list_inputs(config)
+    files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
     storage.prepare_output(output, overwrite=config.overwrite)
     init_ray()
     log.info("extract: %d files, %d types, %s backend, %d replica(s) -> %s", len(files), len(types), backend, config.replicas, output)
@@ -441,6 +437,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         "documents_read": counts["documents"],
         "rejected": dict(sorted(counts["rejected"].items())),
         **written,
+        "records_written": written["documents_written"],
         "queries": counts["queries"],
         "documents_per_s": round(counts["documents"] / seconds, 3),
         "queries_per_s": round(counts["queries"] / max(counts["engine_seconds"], 1e-9), 2),

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from uniner import storage
 from uniner.chunking import Chunker
 from uniner.config import PassagesConfig, to_dict
-from uniner.documents import Document, ReaderSettings, detect_format, file_size, read_documents, relative_names
+from uniner.documents import Document, ReaderSettings, detect_format, document_files, file_size, read_documents, relative_names
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,9 @@ def finalize(staging: storage.Location, output: storage.Location, name: str, dup
     return passages.num_rows
 
 
-def list_inputs(config: PassagesConfig) -> list[storage.Location]:
-    return storage.list_files(storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url))
-
-
 def plan(config: PassagesConfig) -> list[str]:
     """What the stage would do, for --dry-run."""
-    files = list_inputs(config)
+    files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
     formats: dict[str, int] = {}
     for file in files:
         fmt, compression = detect_format(file.path, config.input_format)
@@ -235,7 +231,7 @@ def run(config: PassagesConfig) -> dict[str, Any]:
     started = time.time()
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
     resolve_model(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url)  # fetch once here, not in every actor
-    files = list_inputs(config)
+    files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
     storage.prepare_output(output, overwrite=config.overwrite)
     init_ray()
     workers = max(1, min(config.num_workers or cluster_cpus(), len(files)))
@@ -277,6 +273,7 @@ def run(config: PassagesConfig) -> dict[str, Any]:
         "files": len(files),
         "documents_read": counts["documents"],
         "passages_written": written,
+        "records_written": written,
         "candidate_passages": counts["candidates"],
         "not_sampled": unique - written,
         "dropped": {reason: n for reason, n in sorted(counts["dropped"].items()) if n},

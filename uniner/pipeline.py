@@ -31,18 +31,29 @@ SOURCES = {
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The pipeline file's settings with each `--set` applied; a --set value is checked here, so that a mistake in
+    it is blamed on the --set and not on the file."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r} is not KEY=VALUE: write e.g. --set passages.max_tokens=128")
         stage, dot, name = key.partition(".")
+        cls = STAGE_CONFIGS.get(stage) if dot else PipelineConfig
+        if cls is None:
+            raise UserError(f"--set {item}: no stage {stage!r}; the stages are {', '.join(STAGE_CONFIGS)}")
+        setting = (name if dot else key).replace("-", "_")
+        kinds = field_types(cls)
+        if setting not in kinds:
+            raise UserError(f"--set {item}: unknown setting {setting!r}" + (f" for stage {stage}" if dot else "")
+                            + f"; known settings: {', '.join(kinds)}")
+        checked = coerce(value, kinds[setting], setting, f"in --set {item}")
         if dot:
             section = raw.setdefault(stage, {})
             if not isinstance(section, dict):
                 raise UserError(f"section {stage!r} of the pipeline file is not a mapping")
-            section[name] = value
+            section[setting] = checked
         else:
-            raw[key] = value
+            raw[setting] = checked
     return raw
 
 
@@ -81,7 +92,7 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
 
 
 def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
-    from uniner.cli import _print_dry_run, stage_module
+    from uniner.cli import _print_dry_run, report_incomplete, stage_module
 
     raw = _apply_overrides(read_yaml(path), overrides)
     pipeline, configs = resolve(raw, f"in {path}")
@@ -94,25 +105,34 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         pending = set()  # stages of this run whose output does not exist yet
         for name, config in configs.items():
             waits_on = [source for source in SOURCES[name].values() if source in pending]
-            finished = _finished(config)
-            if finished:
-                print(f"# {name}: finished earlier ({config.output}/{SUMMARY_FILE}); would be skipped")
-            elif name == pipeline.stages[0] and pipeline.sample_corpus_docs:
+            stored = None if pending or config.overwrite else _finished_summary(config)
+            if stored is not None:
+                changed = _changed_settings(stored, config)
+                what = f"with other settings ({changed}); the run would stop" if changed else "would be skipped"
+                print(f"# {name}: finished earlier ({config.output}/{SUMMARY_FILE}) {what}")
+                continue
+            if name == pipeline.stages[0] and pipeline.sample_corpus_docs:
                 _print_dry_run(name, config, ["(input is the sample corpus written first)"])
             elif waits_on:
                 _print_dry_run(name, config, [f"(reads the output of {', '.join(waits_on)}, written first)"])
             else:
                 _print_dry_run(name, config, modules[name].plan(config))
-            if not finished:
-                pending.add(name)
+            pending.add(name)
         return 0
     if pipeline.sample_corpus_docs:
         _ensure_corpus(pipeline)
     summaries, skipped = {}, {}
+    ran = False  # once a stage has run, every later one reads a new input: none of them is skipped or resumed
     for name, config in configs.items():
-        if _finished(config):
-            log.info("pipeline: %s finished earlier (%s/%s), skipping", name, config.output, SUMMARY_FILE)
-            summaries[name] = storage.read_json(storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE))
+        stored = None if ran or config.overwrite else _finished_summary(config)
+        if stored is not None:
+            changed = _changed_settings(stored, config)
+            if changed:
+                raise UserError(f"stage {name} finished earlier in {config.output} with other settings ({changed}): "
+                                f"add --set {name}.overwrite=true to run it again with these settings (the stages "
+                                "after it run again too), or put the earlier settings back")
+            log.info("pipeline: %s finished earlier (%s/%s) with these settings, skipping", name, config.output, SUMMARY_FILE)
+            summaries[name] = stored
             continue
         missing = _missing_inputs(name, config) if name in pipeline.optional_stages else []
         if missing:
@@ -120,19 +140,55 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
             log.warning("pipeline: %s %s", name, skipped[name])
             continue
         log.info("pipeline: running %s -> %s", name, config.output)
-        # A stage that resumes keeps its partial output; any other replaces it.
-        config.overwrite = not getattr(modules[name], "RESUMES", False)
+        # A stage that resumes keeps its partial output, unless an earlier stage of this run wrote its input anew.
+        config.overwrite = config.overwrite or ran or not getattr(modules[name], "RESUMES", False)
         if name == "annotate" and pipeline.stand_in_teacher:
             summaries[name] = _annotate_with_stand_in(modules[name], config, pipeline.stand_in_teacher)
         else:
             summaries[name] = modules[name].run(config)
-    print("\nuniner pipeline: done")
+        ran = True
+        if summaries[name].get("incomplete") or summaries[name].get("records_written") == 0:
+            break  # the later stages would read an output with holes, or nothing
+    stopped = next((name for name, summary in summaries.items() if not _complete(summary)), "")
+    print(f"\nuniner pipeline: {'stopped at ' + stopped if stopped else 'done'}")
     for name in configs:
+        if name not in summaries and name not in skipped:
+            continue
         print(f"{name}: output in {configs[name].output}")
         lines = [skipped[name]] if name in skipped else modules[name].summary_lines(summaries[name])
         for line in lines:
             print("  " + line)
-    return 0
+    if stopped and summaries[stopped].get("records_written") == 0:
+        raise UserError(f"stage {stopped} wrote 0 records to {configs[stopped].output}, so the stages after it have "
+                        "nothing to read: check its input and settings (its summary above says what was dropped)")
+    return report_incomplete(stopped, summaries[stopped]) if stopped else 0
+
+
+def _complete(summary: dict[str, Any]) -> bool:
+    return not summary.get("incomplete") and summary.get("records_written") != 0
+
+
+def _finished_summary(config: Any) -> dict[str, Any] | None:
+    """The summary of a stage that finished earlier: written, with records, nothing left to retry; else None."""
+    location = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE)
+    if not storage.exists(location):
+        return None
+    summary = storage.read_json(location)
+    return summary if _complete(summary) else None
+
+
+# Settings that change how a stage runs on a rerun, not what it writes.
+RERUN_ONLY_SETTINGS = {"overwrite", "retry"}
+
+
+def _changed_settings(summary: dict[str, Any], config: Any) -> str:
+    """The settings that differ from those the stored output was made with, as `name 'old' -> 'new'`; "" if none
+    (or when the summary predates stored settings)."""
+    stored, current = summary.get("config"), to_dict(config)
+    if not isinstance(stored, dict):
+        return ""
+    names = sorted(k for k in current.keys() - RERUN_ONLY_SETTINGS if k in stored and stored[k] != current[k])
+    return ", ".join(f"{k} {stored[k]!r} -> {current[k]!r}" for k in names)
 
 
 def _missing_inputs(name: str, config: Any) -> list[str]:
@@ -150,10 +206,6 @@ def _annotate_with_stand_in(module: Any, config: Any, spec: str) -> dict[str, An
     with openai_server(spec, served_name=served_name) as base_url:
         config.base_url, config.model = base_url, served_name
         return module.run(config)
-
-
-def _finished(config: Any) -> bool:
-    return storage.exists(storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url).join(SUMMARY_FILE))
 
 
 def _ensure_corpus(pipeline: PipelineConfig) -> None:

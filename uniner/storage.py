@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -49,6 +50,10 @@ def endpoint_from_env() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
+# boto3's names of credential sources that never expire; a copy of them is as good as the source.
+STATIC_CREDENTIALS = {"explicit", "env", "shared-credentials-file", "config-file", "boto-config"}
+
+
 def s3_filesystem(endpoint_url: str = "") -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem with boto3's credentials and region, and the endpoint override if any."""
     import boto3
@@ -64,9 +69,12 @@ def s3_filesystem(endpoint_url: str = "") -> pafs.S3FileSystem:
     }
     if credentials is None:
         options["anonymous"] = True
-    else:
+    elif credentials.method in STATIC_CREDENTIALS:
         frozen = credentials.get_frozen_credentials()
         options.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    # Otherwise the credentials expire (an IAM role, SSO, a container or web identity role): a copy taken now would
+    # stop working within hours, so the filesystem resolves them itself through the AWS SDK's default chain, which
+    # finds the same source and refreshes it before it expires.
     endpoint_url = endpoint_url or endpoint_from_env()
     if endpoint_url:
         parsed = urlparse(endpoint_url)
@@ -234,6 +242,32 @@ def read_json(location: Location) -> Any:
         raise UserError(f"{location} is not valid JSON (line {error.lineno}: {error.msg}): fix or regenerate it") from None
 
 
+def read_json_records(location: Location, *, lines: bool | None = None) -> list[tuple[str, Any]]:
+    """The records of a JSON Lines file (one JSON value per line; `lines`, or by default a `.jsonl` name) or of a
+    JSON list, each with where it stands (`FILE:LINE`, or `FILE record N`) for error messages. A line or file that
+    is not valid JSON is a UserError naming the file and the line."""
+    text = read_text(location)
+    if lines or (lines is None and location.path.endswith(".jsonl")):
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{location}:{number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{location}:{number}: not valid JSON ({error.msg} at column {error.colno}): fix or "
+                                "remove that line") from None
+        return records
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{location}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}): fix that "
+                        "line, or write one record per line as .jsonl") from None
+    if not isinstance(value, list):
+        raise UserError(f"{location}: expected a JSON list of records, found a JSON {type(value).__name__}")
+    return [(f"{location} record {index}", record) for index, record in enumerate(value, start=1)]
+
+
 def write_json(location: Location, value: Any) -> None:
     write_text(location, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
@@ -253,9 +287,13 @@ def prepare_output(location: Location, *, overwrite: bool) -> None:
         kind = location.fs.get_file_info(location.path).type
         if kind == pafs.FileType.File:
             raise UserError(f"output {location} is a file, not a directory: choose a directory")
-        if kind == pafs.FileType.Directory and location.fs.get_file_info(pafs.FileSelector(location.path)):
-            if not overwrite:
-                raise UserError(f"output {location} already holds files: pass --overwrite to replace them, or choose another")
+        entries = location.fs.get_file_info(pafs.FileSelector(location.path)) if kind == pafs.FileType.Directory else []
+        names = {PurePosixPath(entry.path).name for entry in entries}
+        # Only `_` work files and no summary: what an interrupted run of a stage leaves; nothing to keep.
+        leftovers = bool(names) and all(n.startswith("_") for n in names) and "_summary.json" not in names
+        if names and not (overwrite or leftovers):
+            raise UserError(f"output {location} already holds files: pass --overwrite to replace them, or choose another")
+        if names:
             location.fs.delete_dir_contents(location.path)
         location.fs.create_dir(location.path, recursive=True)
         if location.is_s3:

@@ -177,6 +177,7 @@ class Teacher:
         self.limiter = limiter
         self.cache = cache
         self.version = prompt_version(variant)
+        self.reached = False  # whether any request of this client got an HTTP answer
 
     async def ask(self, passage: str) -> Answer:
         """The teacher's answer for one passage, from the cache when the same question was answered before."""
@@ -203,16 +204,27 @@ class Teacher:
                     model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
                 )
             except retryable as error:
-                if attempt == self.max_retries:
-                    return Answer(error=self._describe(error, f"after {attempt + 1} attempts"), attempts=attempt + 1)
-                await asyncio.sleep(backoff_s(attempt, error))
-                continue
+                if attempt < self.max_retries:
+                    await asyncio.sleep(backoff_s(attempt, error))
+                    continue
+                described = self._describe(error, f"after {attempt + 1} attempts")
+                if isinstance(error, openai.APIConnectionError) and not self.reached:
+                    # An endpoint that never answered is down or mistyped: every passage would burn its retries.
+                    raise UserError(f"the teacher endpoint {self.base_url} cannot be reached ({described}): check "
+                                    "--base-url and that the server is up, then run the same command again") from None
+                return Answer(error=described, attempts=attempt + 1)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
                 # The whole job would fail the same way: stop it with the fix instead of filling the output with errors.
                 raise UserError(f"the teacher endpoint {self.base_url} refused the request ({self._describe(error)}): "
                                 f"check --model, --base-url and the key in ${self.api_key_env}") from None
             except openai.APIError as error:  # 400 and other answers that a retry would not change
+                self.reached = True
                 return Answer(error=self._describe(error), attempts=attempt + 1)
+            self.reached = True
+            if not getattr(response, "choices", None):  # e.g. a proxy's HTML page with status 200
+                body = self.api_key.redact(" ".join(str(response).split())[:120])
+                return Answer(error=f"the endpoint answered with something that is not a chat completion: {body!r}",
+                              attempts=attempt + 1)
             return self._answer(response, attempt + 1)
         raise AssertionError("unreachable: the last attempt returns")
 

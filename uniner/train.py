@@ -12,6 +12,7 @@ and _summary.json, written last.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import itertools
@@ -63,29 +64,41 @@ def _data_kind(path: str) -> str | None:
     return None
 
 
-def read_conversations(config: TrainConfig):
-    """The conversations as a Ray Dataset, from a .json list, .jsonl or Parquet file or folder."""
-    import ray
+def data_files(config: TrainConfig) -> list[storage.Location]:
+    """The files of --data, checked before Ray starts: one kind, and every JSON record of the conversation shape
+    (a bad one is one line naming its file and line)."""
+    from uniner.build_data import check_conversation
 
     files = storage.list_files(storage.locate(config.data, s3_endpoint_url=config.s3_endpoint_url))
     kinds = {_data_kind(f.path) for f in files}
     if None in kinds or len(kinds) > 1:
         odd = next((f.uri for f in files if _data_kind(f.path) is None), files[0].uri)
         raise UserError(f"--data must hold only .json, .jsonl or .parquet files of one kind (found {odd}): use the output of `uniner build-data`")
+    for file in files:
+        if _data_kind(file.path) == "json" and not file.path.endswith(".gz"):
+            for where, record in storage.read_json_records(file):
+                check_conversation(record, where, collections.Counter())
+    return files
+
+
+def read_conversations(files: list[storage.Location]):
+    """The conversations as a Ray Dataset, from .json list, .jsonl or Parquet files."""
+    import ray
+
     paths, filesystem = [f.path for f in files], files[0].fs
-    with storage.storage_errors("read", config.data):
-        if kinds == {"parquet"}:
+    with storage.storage_errors("read", files[0]):
+        if _data_kind(paths[0]) == "parquet":
             return ray.data.read_parquet(paths, filesystem=filesystem)
         return ray.data.read_json(paths, filesystem=filesystem)
 
 
-def tokenize(config: TrainConfig, model_dir: Path):
+def tokenize(config: TrainConfig, model_dir: Path, files: list[storage.Location]):
     """Tokenized conversations (TOKENS_SCHEMA), shuffled once, materialized in the object store."""
     import ray
 
     from uniner.session import cluster_cpus
 
-    conversations = read_conversations(config)
+    conversations = read_conversations(files)
     # The seeded shuffle gives the same order on every run only if its input blocks come in the same order; the
     # tokenizer actors finish them in any order. A rerun that resumes relies on it: it passes over the micro-batches
     # that the steps before its checkpoint trained on.
@@ -541,6 +554,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
     started = time.time()
     output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    files = data_files(config)
     model_dir = resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url)  # once here, not in every worker
     if config.lora_rank:
         try:
@@ -549,7 +563,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             raise UserError("--lora-rank needs peft: pip install 'uniner[lora]', or use --lora-rank 0") from None
     resuming = _prepare(output, config)
     init_ray()
-    tokens = tokenize(config, model_dir)
+    tokens = tokenize(config, model_dir, files)
     stats = data_stats(tokens)
     step_counts = step_plan(config, stats["conversations_trainable"])
     with storage.storage_errors("write", output.join(REJECTS_DIR)):
