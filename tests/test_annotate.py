@@ -402,3 +402,22 @@ def test_a_run_with_errors_exits_3_and_a_rerun_asks_only_for_those(tmp_path, wor
     assert run_cli(*args).returncode == 3
     assert (server.count("BROKEN Dan stood up."), server.count("Ivy waved.")) == (2, 1)
     server.stop()
+
+
+def test_the_recorded_teacher_replays_real_answers_through_the_stage(tmp_path, worker_env, ray_session):
+    from uniner.recorded import TEACHER, recorded_passages, recorded_teacher
+
+    recording = recorded_passages()
+    assert len(recording) == 300 and all(r["entities"] for r in recording)
+    first, second = recording[0], recording[1]
+    cut = first["text"][: len(first["text"]) // 2]  # the passages stage may cut a recorded passage in two
+    passages = write_passages(tmp_path / "passages", [first["text"], cut, second["text"], "A passage nobody recorded."])
+    with recorded_teacher() as url:
+        summary = run(AnnotateConfig(input=passages, output=str(tmp_path / "out"), base_url=url, model=TEACHER,
+                                     cache="off", num_actors=1, batch_size=2))
+    rows = {row["text"]: row for row in read_output(tmp_path / "out").to_pylist()}
+    assert [(e["text"], e["type"]) for e in rows[first["text"]]["entities"]] == [tuple(p) for p in first["entities"]]
+    assert {e["text"] for e in rows[cut]["entities"]} == {e for e, _ in first["entities"] if e in cut}
+    assert rows["A passage nobody recorded."]["status"] == "refused"
+    assert "no answer for this passage" in rows["A passage nobody recorded."]["raw_response"]
+    assert summary["teacher_model"] == TEACHER == rows[second["text"]]["teacher_model"]

@@ -157,8 +157,8 @@ def test_cli_errors_are_one_line(tmp_path, eval_files):
 @pytest.mark.parametrize("lines, problem", [
     ([{"id": "7", "output": "[]"}], "answer 1 of 5 queries: predict them all"),
     ([], "answer 0 of 5 queries"),
-    ([{"id": "7", "output": "[]"}, {"id": "7", "output": '["Ada"]'}], "p.jsonl:2: a second prediction for id '7' of people "
-                                                                      "(the first is at .*p.jsonl:1)"),
+    ([{"id": "7", "output": "[]"}, {"id": "7", "output": '["Ada"]'}], r"p.jsonl:2: a second prediction for id '7' of people "
+                                                                      r"\(the first is at .*p.jsonl:1\)"),
     ([["7", "[]"]], r"p.jsonl:1: expected a JSON object \{"),
 ])
 def test_predictions_that_leave_queries_out_or_repeat_are_refused(tmp_path, eval_files, lines, problem):

@@ -182,7 +182,7 @@ def cli_run(tmp_path, *options):
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
     pytest.importorskip("vllm")
-    return cli_run(tmp_path_factory.mktemp("vllm"), "--backend", "vllm", "--export", "conll,spacy,gliner")
+    return cli_run(tmp_path_factory.mktemp("vllm"), "--backend", "vllm", "--export", "conll,spacy,gliner,html")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,8 @@ def test_cli_on_vllm(vllm_run):
     conll = (out / "_export" / "conll.txt").read_text()
     assert conll.count("# id = ") == 3 and "Zürich\t" in conll
     assert len((out / "_export" / "gliner.jsonl").read_text().splitlines()) == 3
+    page = (out / "_export" / "entities.html").read_text()
+    assert page.count("<article>") == 3 and "Zürich" in page and "page to open:" in result.stdout
 
 
 def test_cli_on_transformers(transformers_run):
@@ -292,3 +294,35 @@ def test_losing_a_worker_node_mid_run_still_writes_every_document_once(tmp_path,
         ray.shutdown()
         cluster.shutdown()
         init_ray()  # later tests expect the session's embedded Ray
+
+
+def test_html_page_highlights_entities_by_type_and_shows_in_a_browser(tmp_path):
+    """The page escapes the text, colours each type, counts every document; Chromium draws the highlights."""
+    import shutil
+    import subprocess
+
+    text = "Ada Lovelace met <Charles Babbage> in London in 1833."
+    entities = [{"text": "Ada Lovelace", "type": "person", "start": 0, "end": 12},
+                {"text": "Charles Babbage", "type": "person", "start": 18, "end": 33},
+                {"text": "London", "type": "city", "start": 38, "end": 44}]
+    page = spans.html_page([("doc-1", text, entities)], counts={"person": 5, "city": 2}, total_documents=4,
+                           title="people & places")
+    assert "&lt;<mark" in page and "Charles Babbage<span>person</span></mark>&gt;" in page
+    assert "7 entities in 4 documents (the first 1 shown)" in page and "people &amp; places" in page
+    assert page.index(">person</mark> 5") < page.index(">city</mark> 2")  # the legend, most frequent first
+    path = tmp_path / "entities.html"
+    path.write_text(page)
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium): the screenshot check is skipped")
+    shot = tmp_path / "page.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+                    "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=900,500", path.as_uri()], capture_output=True, timeout=120)
+    from matplotlib.image import imread
+
+    pixels = (imread(shot)[:, :, :3] * 255).round().astype(int).reshape(-1, 3)
+    for colour in spans.PALETTE[:2]:  # person's and city's highlight colours are on screen
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        assert ((abs(pixels - rgb).sum(axis=1)) <= 6).sum() > 200, colour

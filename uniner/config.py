@@ -268,7 +268,10 @@ class ExtractConfig(StageConfig):
     case_sensitive: bool = setting(True, "Match answer strings to the text case-sensitively.")
     offsets: str = setting("words", "Where answer strings may match: words (not inside a longer word) or anywhere.")
     output_format: str = setting("parquet", "parquet or jsonl.")
-    export: list = setting([], "Also write OUTPUT/_export/ in these formats, comma-separated: conll, spacy, gliner.")
+    export: list = setting(
+        [], "Also write OUTPUT/_export/ in these formats, comma-separated: conll, spacy, gliner, html (a page to look "
+        "at: the first 200 documents with their entities highlighted, a legend, and counts per type over all)."
+    )
 
     def check(self) -> None:
         _require(self.input, "input", "the documents to extract from")
@@ -280,9 +283,9 @@ class ExtractConfig(StageConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}: use {', '.join(allowed)}")
-        unknown = [e for e in self.export if e not in ("conll", "spacy", "gliner")]
+        unknown = [e for e in self.export if e not in ("conll", "spacy", "gliner", "html")]
         if unknown:
-            raise UserError(f"unknown --export {', '.join(unknown)}: use conll, spacy or gliner")
+            raise UserError(f"unknown --export {', '.join(unknown)}: use conll, spacy, gliner or html")
         if min(self.batch_size, self.replicas, self.max_new_tokens) < 1 or self.gpus_per_replica < 0:
             raise UserError("--batch-size, --replicas and --max-new-tokens must be at least 1, --gpus-per-replica at least 0")
         if self.passage_tokens < 8:
@@ -340,12 +343,17 @@ class PipelineConfig:
     workdir: str = setting("uniner-out", "Directory (local or s3://) holding every stage's output by default.")
     stages: list = setting(list(STAGE_ORDER), "Stages to run, in this order (any of them may be left out): " + ", ".join(STAGE_ORDER) + ".")
     sample_corpus_docs: int = setting(
-        0, "When > 0, write a generated sample corpus of this many documents to WORKDIR/corpus and read it as input."
+        0, "When > 0, write a sample corpus of this many documents to WORKDIR/corpus and read it as input: generated "
+        "news-style documents, or with recorded_teacher the recorded Pile passages."
     )
     s3_endpoint_url: str = setting("", "S3-compatible endpoint, passed to every stage that sets none itself.")
     stand_in_teacher: str = setting(
         "", "A model spec to serve with vLLM's OpenAI-compatible server as a STAND-IN teacher for annotate (a demo, "
         "not a real teacher); empty: annotate calls its own base_url."
+    )
+    recorded_teacher: bool = setting(
+        False, "Annotate with the teacher answers recorded with uniner's Pile-NER sample (gpt-3.5-turbo-0301, CC BY-NC "
+        "4.0), replayed by a local endpoint: real labels offline; the sample corpus is then those passages."
     )
     optional_stages: list = setting([], "Stages skipped with a message, instead of failing, when an input file they need is missing.")
 
@@ -356,6 +364,8 @@ class PipelineConfig:
         positions = [STAGE_ORDER.index(s) for s in self.stages]
         if not positions or positions != sorted(set(positions)):
             raise UserError(f"stages must be listed once each, in the order {' -> '.join(STAGE_ORDER)}")
+        if self.recorded_teacher and self.stand_in_teacher:
+            raise UserError("recorded_teacher and stand_in_teacher both name annotate's teacher: keep one")
 
 
 # ---- reading values from YAML and the command line ----

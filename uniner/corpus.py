@@ -1,6 +1,5 @@
-"""A generated sample corpus: news-style documents full of people, places, organizations and dates.
-
-The demo and the benchmarks need a corpus anyone can make offline; the same seed gives the same bytes.
+"""Sample corpora anyone can make offline: generated news-style documents full of people, places, organizations and
+dates (the same seed gives the same bytes), or the Pile passages of the recorded teacher (`uniner.recorded`).
 """
 
 from __future__ import annotations
@@ -63,3 +62,13 @@ def write_sample_corpus(uri: str, *, documents: int, files: int = 4, seed: int =
         storage.write_text(target, "\n".join(lines) + "\n")
         written.append(target.uri)
     return written
+
+
+def write_recorded_corpus(uri: str, *, documents: int, s3_endpoint_url: str = "") -> str:
+    """Write the first `documents` passages of the recorded teacher's sample as JSONL ({"id", "text"})."""
+    from uniner.recorded import recorded_passages
+
+    rows = [{"id": r["id"], "text": r["text"]} for r in recorded_passages()[:documents]]
+    target = storage.locate(uri, s3_endpoint_url=s3_endpoint_url).join("part-000.jsonl")
+    storage.write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return target.uri

@@ -28,10 +28,13 @@ from uniner import bio, storage
 from uniner.build_data import check_conversation, dataset_name_of, eval_queries
 from uniner.config import EvaluateConfig, to_dict
 from uniner.errors import UserError
+from uniner.models import short_name
 from uniner.formats import answer_text, official_list, parse_answer_lenient
 
 log = logging.getLogger("uniner.evaluate")
 
+REFERENCE_NOTE = ("Paper rows: zero-shot F1 on the full test sets (Zhou et al., 2023, Table 1). Ours may be on samples "
+                  "or other splits: a guide, not a like-for-like comparison.")
 # Zero-shot strict F1 (%) from the UniversalNER paper (Zhou et al., 2023, Table 1), by domain.
 REFERENCE_F1 = {
     "ChatGPT (paper)": {"movie": 5.3, "restaurant": 32.8, "ai": 52.4, "literature": 39.8, "music": 66.6, "politics": 68.5, "science": 67.0},
@@ -315,8 +318,9 @@ def _reference_rows(report: dict[str, Any]) -> dict[str, Any]:
             "rows": {m: [REFERENCE_F1[m][reference_domain(n)] for n in names] for m in REFERENCE_F1}}
 
 
-def f1_bars(columns: list[str], series: dict[str, list[float]], path: str) -> None:
-    """A grouped bar chart of F1 (%): one group per column, one bar per series (NaN leaves a gap)."""
+def f1_bars(columns: list[str], series: dict[str, list[float]], path: str, *, note: str = "") -> None:
+    """A grouped bar chart of F1 (%): one group per column, one bar per series (NaN leaves a gap), and a note
+    under it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,7 +334,9 @@ def f1_bars(columns: list[str], series: dict[str, list[float]], path: str) -> No
     axes.set_ylabel("F1 (%), official protocol")
     axes.set_ylim(0, 100)
     axes.legend(fontsize="small")
-    figure.tight_layout()
+    if note:
+        figure.text(0.01, 0.01, note, fontsize="x-small", color="#555", wrap=True)
+    figure.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -338,10 +344,13 @@ def f1_bars(columns: list[str], series: dict[str, list[float]], path: str) -> No
 def report_chart(report: dict[str, Any], path: str) -> None:
     """Bars of F1 per dataset (and the average), with the paper's rows beside ours where the domain matches."""
     names = list(report["datasets"])
-    series = {report["subject"]: [100 * report["datasets"][n]["f1"] for n in names] + [100 * report["average_f1"]]}
-    for model, values in REFERENCE_F1.items():
-        series[model] = [values.get(reference_domain(n) or "", float("nan")) for n in names] + [float("nan")]
-    f1_bars(names + ["average"], series, path)
+    series = {short_name(report["subject"]): [100 * report["datasets"][n]["f1"] for n in names] + [100 * report["average_f1"]]}
+    matched = any(reference_domain(n) for n in names)
+    if matched:
+        for model, values in REFERENCE_F1.items():
+            series[model] = [values.get(reference_domain(n) or "", float("nan")) for n in names] + [float("nan")]
+    note = (REFERENCE_NOTE if matched else "")
+    f1_bars(names + ["average"], series, path, note=note)
 
 
 # ---------------------------------------------------------------- the stage

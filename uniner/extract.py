@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from uniner import spans, storage
 from uniner.config import ExtractConfig, to_dict
 from uniner.documents import Document, ReaderSettings, document_files, read_documents, relative_names
 from uniner.errors import UserError
+from uniner.models import short_name
 from uniner.formats import LLAMA_EOS, Template, parse_answer_lenient
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 SUMMARY_FILE = "_summary.json"
 EXPORT_DIR = "_export"
+HTML_DOCUMENTS = 200  # documents on the HTML page; its counts cover every document
 WORK_DIR = "_work"
 PROGRESS_EVERY_S = 10.0
 STAGING_ROWS = 20_000  # rows per staging file
@@ -350,17 +353,29 @@ def _write_exports(config: ExtractConfig, output: storage.Location) -> None:
     dataset = pads.dataset(output.path, filesystem=output.fs, format=_dataset_format(config))
     if not output.is_s3:
         output.fs.create_dir(output.join(EXPORT_DIR).path, recursive=True)
-    streams = {name: output.fs.open_output_stream(output.join(EXPORT_DIR, spans.EXPORTS[name][0]).path) for name in config.export}
+    formats = [name for name in config.export if name in spans.EXPORTS]
+    streams = {name: output.fs.open_output_stream(output.join(EXPORT_DIR, spans.EXPORTS[name][0]).path) for name in formats}
+    page: list[tuple[str, str, list]] = []  # the documents the HTML page shows
+    counts: Counter[str] = Counter()
+    documents = 0
     try:
         for batch in dataset.to_batches(columns=["doc_id", "status", "text", "entities"]):
             for row in batch.to_pylist():
                 if row["status"] != "ok":
                     continue
+                documents += 1
+                counts.update(e["type"] for e in row["entities"])
+                if len(page) < HTML_DOCUMENTS:
+                    page.append((row["doc_id"], row["text"], row["entities"]))
                 for name, stream in streams.items():
                     stream.write(spans.EXPORTS[name][1](row["doc_id"], row["text"], row["entities"]).encode())
     finally:
         for stream in streams.values():
             stream.close()
+    if "html" in config.export:
+        title = f"uniner extract: {', '.join(entity_types(config))} in {config.input} ({short_name(config.model)})"
+        html = spans.html_page(page, counts=dict(counts), total_documents=documents, title=title)
+        storage.write_text(output.join(EXPORT_DIR, spans.HTML_FILE), html)
 
 
 def _dataset_format(config: ExtractConfig) -> str:
@@ -456,5 +471,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"documents written:  {summary['documents_written']} (rejected, with their reason: {rejected})",
         f"queries:            {summary['queries']} ({summary['queries_per_s']}/s while the engine ran; {summary['backend']})",
         f"entities:           {summary['entities']} with offsets; {summary['unmatched']} answers not found in the text (column unmatched)",
+        *([f"page to open:       {summary['output']}/{EXPORT_DIR}/{spans.HTML_FILE}"]
+          if "html" in summary["config"]["export"] else []),
         f"took {summary['seconds']} s; summary in {summary['output']}/{SUMMARY_FILE}",
     ]

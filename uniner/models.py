@@ -50,6 +50,13 @@ BUILTINS = {
 }
 
 
+def short_name(spec: str) -> str:
+    """A model spec as a person reads it in a chart or a title: a built-in name or hub id as it is, a folder or an
+    s3:// prefix by its last two parts (`uniner-out/local/train` -> `local/train`)."""
+    parts = spec.rstrip("/").split("/")
+    return spec if len(parts) <= 2 and not spec.startswith(("/", ".", "~", "s3:")) else "/".join(parts[-2:])
+
+
 def cache_dir() -> Path:
     """Where resolved models live: UNINER_CACHE_DIR, else ~/.cache/uniner."""
     return Path(os.environ.get("UNINER_CACHE_DIR") or Path.home() / ".cache" / "uniner")

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from uniner import storage
+from uniner import recorded, storage
 from uniner.config import STAGE_CONFIGS, PipelineConfig, build_config, coerce, field_types, read_yaml, to_dict
 from uniner.errors import UserError
 
@@ -96,6 +96,10 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
 
     raw = _apply_overrides(read_yaml(path), overrides)
     pipeline, configs = resolve(raw, f"in {path}")
+    if pipeline.stand_in_teacher and "annotate" in configs:
+        configs["annotate"].model = stand_in_name(pipeline.stand_in_teacher)  # served locally under this name
+    if pipeline.recorded_teacher and "annotate" in configs:
+        configs["annotate"].model = recorded.TEACHER
     modules = {name: stage_module(name) for name in configs}
     if dry_run:
         print("# uniner pipeline --dry-run")
@@ -144,6 +148,10 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         config.overwrite = config.overwrite or ran or not getattr(modules[name], "RESUMES", False)
         if name == "annotate" and pipeline.stand_in_teacher:
             summaries[name] = _annotate_with_stand_in(modules[name], config, pipeline.stand_in_teacher)
+        elif name == "annotate" and pipeline.recorded_teacher:
+            with recorded.recorded_teacher() as base_url:
+                config.base_url = base_url
+                summaries[name] = modules[name].run(config)
         else:
             summaries[name] = modules[name].run(config)
         ran = True
@@ -177,8 +185,12 @@ def _finished_summary(config: Any) -> dict[str, Any] | None:
     return summary if _complete(summary) else None
 
 
-# Settings that change how a stage runs on a rerun, not what it writes.
-RERUN_ONLY_SETTINGS = {"overwrite", "retry"}
+# Settings that change how a stage runs, not what it writes: a finished stage is not stale when only these differ.
+RUN_ONLY_SETTINGS = {
+    "overwrite", "retry", "base_url", "concurrency", "num_actors", "requests_per_minute", "tokens_per_minute",
+    "timeout_s", "max_retries", "cache", "price_input_per_mtok", "price_output_per_mtok", "replicas",
+    "gpus_per_replica", "checkpoint_every", "keep_checkpoints", "max_failures", "s3_endpoint_url",
+}
 
 
 def _changed_settings(summary: dict[str, Any], config: Any) -> str:
@@ -187,7 +199,7 @@ def _changed_settings(summary: dict[str, Any], config: Any) -> str:
     stored, current = summary.get("config"), to_dict(config)
     if not isinstance(stored, dict):
         return ""
-    names = sorted(k for k in current.keys() - RERUN_ONLY_SETTINGS if k in stored and stored[k] != current[k])
+    names = sorted(k for k in current.keys() - RUN_ONLY_SETTINGS if k in stored and stored[k] != current[k])
     return ", ".join(f"{k} {stored[k]!r} -> {current[k]!r}" for k in names)
 
 
@@ -197,11 +209,15 @@ def _missing_inputs(name: str, config: Any) -> list[str]:
     return [uri for uri in uris if not storage.exists(storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url))]
 
 
+def stand_in_name(spec: str) -> str:
+    return f"STAND-IN-TEACHER:{spec}"
+
+
 def _annotate_with_stand_in(module: Any, config: Any, spec: str) -> dict[str, Any]:
     """Run annotate against vLLM's own server for `spec`, labelled as a stand-in wherever the teacher is named."""
     from uniner.models import openai_server
 
-    served_name = f"STAND-IN-TEACHER:{spec}"
+    served_name = stand_in_name(spec)
     log.warning("pipeline: annotate uses %s served locally as a STAND-IN teacher, not a real teacher", spec)
     with openai_server(spec, served_name=served_name) as base_url:
         config.base_url, config.model = base_url, served_name
@@ -209,10 +225,14 @@ def _annotate_with_stand_in(module: Any, config: Any, spec: str) -> dict[str, An
 
 
 def _ensure_corpus(pipeline: PipelineConfig) -> None:
-    from uniner.corpus import write_sample_corpus
+    from uniner.corpus import write_recorded_corpus, write_sample_corpus
 
     corpus = storage.locate(pipeline.workdir, s3_endpoint_url=pipeline.s3_endpoint_url).join("corpus")
     if storage.exists(corpus):
+        return
+    if pipeline.recorded_teacher:
+        log.info("pipeline: writing %d recorded Pile passages to %s as the corpus", pipeline.sample_corpus_docs, corpus)
+        write_recorded_corpus(corpus.uri, documents=pipeline.sample_corpus_docs, s3_endpoint_url=pipeline.s3_endpoint_url)
         return
     log.info("pipeline: writing a sample corpus of %d documents to %s", pipeline.sample_corpus_docs, corpus)
     write_sample_corpus(corpus.uri, documents=pipeline.sample_corpus_docs, s3_endpoint_url=pipeline.s3_endpoint_url)

@@ -10,6 +10,7 @@ spelling, not the model's.
 from __future__ import annotations
 
 import bisect
+import html
 import json
 import re
 import unicodedata
@@ -168,3 +169,48 @@ def to_gliner(doc_id: str, text: str, entities: list[Entity]) -> str:
 
 
 EXPORTS = {"conll": ("conll.txt", to_conll), "spacy": ("spacy.jsonl", to_spacy), "gliner": ("gliner.jsonl", to_gliner)}
+
+# ---- a page to look at ----
+
+HTML_FILE = "entities.html"
+# Colour-blind-safe background colours (Okabe-Ito, lightened), taken in order of type frequency.
+PALETTE = ["#f6c89f", "#a6d8f5", "#9fe0c9", "#f9ec9a", "#b7cdea", "#f0b8a0", "#e3bcd4", "#d9d9d9"]
+
+
+def html_page(documents: list[tuple[str, str, list[Entity]]], *, counts: dict[str, int], total_documents: int,
+              title: str) -> str:
+    """A self-contained page: a legend with the count of each type over every document, then `documents`
+    (doc_id, text, entities) with each entity highlighted in its type's colour (overlaps: longest first)."""
+    types = sorted(counts, key=lambda t: (-counts[t], t))
+    colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(types)}
+    legend = "".join(f'<li><mark style="background:{colour[t]}">{html.escape(t)}</mark> {counts[t]}</li>' for t in types)
+    shown = "" if len(documents) == total_documents else f" (the first {len(documents)} shown)"
+    body = "".join(f"<article><h2>{html.escape(doc_id)}</h2><p>{_highlighted(text, entities, colour)}</p></article>"
+                   for doc_id, text, entities in documents)
+    return (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>"
+        f"<header><h1>{html.escape(title)}</h1><p>{sum(counts.values())} entities in {total_documents} documents"
+        f"{shown}</p><ul class=\"legend\">{legend}</ul></header><main>{body}</main></body></html>\n"
+    )
+
+
+def _highlighted(text: str, entities: list[Entity], colour: dict[str, str]) -> str:
+    parts, at = [], 0
+    for entity in non_overlapping(entities):
+        start, end, kind = entity["start"], entity["end"], entity["type"]
+        parts.append(html.escape(text[at:start]))
+        parts.append(f'<mark style="background:{colour.get(kind, PALETTE[-1])}" title="{html.escape(kind)}">'
+                     f"{html.escape(text[start:end])}<span>{html.escape(kind)}</span></mark>")
+        at = end
+    parts.append(html.escape(text[at:]))
+    return "".join(parts)
+
+
+_PAGE_STYLE = (
+    "body{font:16px/1.6 system-ui,sans-serif;margin:0 auto;max-width:60rem;padding:1rem 2rem;color:#222}"
+    "header{border-bottom:1px solid #ccc;margin-bottom:1rem}h1{font-size:1.4rem}h2{font-size:.8rem;color:#777;"
+    "margin:1.2rem 0 .2rem}ul.legend{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:.4rem 1.2rem}"
+    "mark{border-radius:.3rem;padding:.05rem .25rem}mark span{font-size:.65rem;font-weight:600;margin-left:.3rem;"
+    "text-transform:uppercase;color:#444}p{margin:0;white-space:pre-wrap}"
+)
