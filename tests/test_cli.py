@@ -157,7 +157,7 @@ def test_options_are_spelt_out_and_switches_take_true_or_false(tmp_path):
         result = run_cli(*base, *switch)
         assert result.returncode == 0 and f"dedup: {value}" in result.stdout, result.stderr
     usage = run_cli("passages", "--help").stdout
-    assert "(required)" in usage.split("--input STR", 1)[1].split("--output", 1)[0] and "(default: '')" not in usage
+    assert "(required)" in usage.split("  --input STR", 1)[1].split("--output", 1)[0] and "(default: '')" not in usage
 
 
 def test_a_folder_without_documents_is_one_line(tmp_path):

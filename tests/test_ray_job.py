@@ -13,10 +13,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,10 +137,19 @@ class RayCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, builtin_model_dir):
-    cluster = RayCluster(tmp_path_factory.mktemp("cluster"))
+def cluster(builtin_model_dir):
+    import ray
+
+    from uniner.session import init_ray
+
+    ray.shutdown()  # the session's embedded Ray and its idle workers would share the 2 cores with the cluster
+    # A short folder: Ray's socket paths under it must stay within 107 bytes, which pytest's tmp paths can pass.
+    folder = Path(tempfile.mkdtemp(prefix="uniner-ray-", dir="/tmp"))
+    cluster = RayCluster(folder)
     yield cluster
     cluster.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+    init_ray()  # later tests expect the session's embedded Ray
 
 
 def check_command(workdir: Path, teacher: FaultServer, cache: Path) -> list[str]:

@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("filelock", "urllib3", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.debug:  # Ray Data's "Starting execution" and plan lines; uniner says what runs
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not args.debug:  # Ray's own INFO lines (start-up, Ray Data's plans); uniner says what runs
+        logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -12,7 +12,6 @@ and _summary.json, written last.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import itertools
@@ -65,10 +64,9 @@ def _data_kind(path: str) -> str | None:
 
 
 def data_files(config: TrainConfig) -> list[storage.Location]:
-    """The files of --data, checked before Ray starts: one kind, and every JSON record of the conversation shape
-    (a bad one is one line naming its file and line)."""
-    from uniner.build_data import check_conversation
-
+    """The files of --data, checked before Ray starts: one kind, valid JSON, every record an object with a
+    `conversations` list (a bad one is one line naming its file and line). A conversation whose turns are wrong is
+    not an error here: training rejects it, with its reason, into _rejects/."""
     files = storage.list_files(storage.locate(config.data, s3_endpoint_url=config.s3_endpoint_url))
     kinds = {_data_kind(f.path) for f in files}
     if None in kinds or len(kinds) > 1:
@@ -77,7 +75,9 @@ def data_files(config: TrainConfig) -> list[storage.Location]:
     for file in files:
         if _data_kind(file.path) == "json" and not file.path.endswith(".gz"):
             for where, record in storage.read_json_records(file):
-                check_conversation(record, where, collections.Counter())
+                if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+                    raise UserError(f"{where}: expected {{\"id\": ..., \"conversations\": [{{\"from\", \"value\"}}, ...]}}, "
+                                    f"found {json.dumps(record)[:60]}: use the output of `uniner build-data`")
     return files
 
 
