@@ -270,7 +270,7 @@ class ExtractConfig(StageConfig):
     output_format: str = setting("parquet", "parquet or jsonl.")
     export: list = setting(
         [], "Also write OUTPUT/_export/ in these formats, comma-separated: conll, spacy, gliner, html (a page to look "
-        "at: the first 200 documents with their entities highlighted, a legend, and counts per type over all)."
+        "at: 200 documents, those with entities first, with their entities highlighted, a legend, and counts per type over all)."
     )
 
     def check(self) -> None:

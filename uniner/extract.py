@@ -64,7 +64,7 @@ OUTPUT_SCHEMA = pa.schema(
 )
 SUMMARY_FILE = "_summary.json"
 EXPORT_DIR = "_export"
-HTML_DOCUMENTS = 200  # documents on the HTML page; its counts cover every document
+HTML_DOCUMENTS = 200  # documents on the HTML page (those with entities first); its counts cover every document
 WORK_DIR = "_work"
 PROGRESS_EVERY_S = 10.0
 STAGING_ROWS = 20_000  # rows per staging file
@@ -355,7 +355,7 @@ def _write_exports(config: ExtractConfig, output: storage.Location) -> None:
         output.fs.create_dir(output.join(EXPORT_DIR).path, recursive=True)
     formats = [name for name in config.export if name in spans.EXPORTS]
     streams = {name: output.fs.open_output_stream(output.join(EXPORT_DIR, spans.EXPORTS[name][0]).path) for name in formats}
-    page: list[tuple[str, str, list]] = []  # the documents the HTML page shows
+    page: dict[bool, list[tuple[str, str, list]]] = {True: [], False: []}  # the page shows those with entities first
     counts: Counter[str] = Counter()
     documents = 0
     try:
@@ -365,8 +365,8 @@ def _write_exports(config: ExtractConfig, output: storage.Location) -> None:
                     continue
                 documents += 1
                 counts.update(e["type"] for e in row["entities"])
-                if len(page) < HTML_DOCUMENTS:
-                    page.append((row["doc_id"], row["text"], row["entities"]))
+                if len(page[bool(row["entities"])]) < HTML_DOCUMENTS:
+                    page[bool(row["entities"])].append((row["doc_id"], row["text"], row["entities"]))
                 for name, stream in streams.items():
                     stream.write(spans.EXPORTS[name][1](row["doc_id"], row["text"], row["entities"]).encode())
     finally:
@@ -374,7 +374,8 @@ def _write_exports(config: ExtractConfig, output: storage.Location) -> None:
             stream.close()
     if "html" in config.export:
         title = f"uniner extract: {', '.join(entity_types(config))} in {config.input} ({short_name(config.model)})"
-        html = spans.html_page(page, counts=dict(counts), total_documents=documents, title=title)
+        shown = (page[True] + page[False])[:HTML_DOCUMENTS]
+        html = spans.html_page(shown, counts=dict(counts), total_documents=documents, title=title)
         storage.write_text(output.join(EXPORT_DIR, spans.HTML_FILE), html)
 
 

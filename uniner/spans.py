@@ -184,7 +184,7 @@ def html_page(documents: list[tuple[str, str, list[Entity]]], *, counts: dict[st
     types = sorted(counts, key=lambda t: (-counts[t], t))
     colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(types)}
     legend = "".join(f'<li><mark style="background:{colour[t]}">{html.escape(t)}</mark> {counts[t]}</li>' for t in types)
-    shown = "" if len(documents) == total_documents else f" (the first {len(documents)} shown)"
+    shown = "" if len(documents) == total_documents else f" ({len(documents)} shown)"
     body = "".join(f"<article><h2>{html.escape(doc_id)}</h2><p>{_highlighted(text, entities, colour)}</p></article>"
                    for doc_id, text, entities in documents)
     return (
