@@ -20,6 +20,17 @@ os.environ.pop("RAY_ADDRESS", None)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# What makes a test slow on 2 cores: a Ray cluster, a vLLM engine or training. `pytest -m "not slow"` runs the rest.
+SLOW_FIXTURES = {"ray_session", "worker_env", "cluster", "vllm_server", "vllm_launch", "vllm_run", "transformers_run",
+                 "killed_and_resumed"}
+SLOW_FILES = {"test_end_to_end.py", "test_multinode.py", "test_ray_job.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():

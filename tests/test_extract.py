@@ -249,6 +249,7 @@ def test_s3_in_and_out_with_an_empty_unicode_and_5mb_document(ray_session, tiny_
     assert storage.exists(output.join("_summary.json")) and not storage.exists(output.join("_work"))
 
 
+@pytest.mark.slow
 def test_losing_a_worker_node_mid_run_still_writes_every_document_once(tmp_path, tiny_model_dir):
     """Head without CPUs + 2 worker nodes of one CPU each, so each worker holds one of the two engine actors; one
     worker node is removed while they work. Transformers on the tiny model: vLLM's engine start alone would take

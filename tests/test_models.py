@@ -20,6 +20,7 @@ def test_builtin_model_loads_and_generates(builtin_model_dir):
     assert "Paris" in tokenizer.decode(new_tokens)
 
 
+@pytest.mark.slow
 def test_builtin_model_builds_into_an_empty_cache(tmp_path, monkeypatch, builtin_model_dir):
     from safetensors import safe_open
 

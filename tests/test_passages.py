@@ -138,6 +138,7 @@ def test_s3_input_and_output(tmp_path, lake, ray_session, s3_bucket, s3_endpoint
     assert storage.read_json(out.join("_summary.json"))["files"] == 7
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_prints_the_summary(tmp_path, lake):
     result = run_cli("passages", "--input", str(lake), "--output", str(tmp_path / "cli"), "--id-field", "id", "--max-tokens", "16", "--min-tokens", "3")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -141,6 +141,7 @@ class RotatingCredentials:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+@pytest.mark.slow
 def test_expiring_credentials_are_refreshed_during_a_long_job(s3_endpoint, tmp_path):
     """A copy of temporary credentials taken at start would expire mid-job: storage keeps asking their source."""
     import os

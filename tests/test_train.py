@@ -215,6 +215,7 @@ def test_no_ray_train_helper_that_cannot_work_runs_on_the_embedded_ray(killed_an
     assert not started & {"PlacementGroupCleaner", "PreemptionWatcher"}
 
 
+@pytest.mark.slow
 def test_a_run_logs_each_step_once_and_nothing_every_second(tmp_path, tiny_model_dir):
     """Each step's line once (Ray Train's print() writes it twice), and none of the lines that Ray's helpers would
     repeat every second: the placement-group cleaner's State API warning and the data split's progress bar."""
