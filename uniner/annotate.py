@@ -173,7 +173,7 @@ def keep_stored(output: storage.Location, retry: set[str]) -> set[str]:
         dataset = pads.dataset(output.path, filesystem=output.fs, format="parquet", schema=ANNOTATION_SCHEMA)
         for fragment in dataset.get_fragments():
             part = fragment.to_table(schema=ANNOTATION_SCHEMA)
-            again = pc.is_in(part["status"], value_set=pa.array(sorted(retry), pa.string()))
+            again = to_retry(part["status"], retry)
             if pc.any(again).as_py():
                 part = part.filter(pc.invert(again))
                 replace_part(output, fragment.path, part)
@@ -186,8 +186,12 @@ def stored_ids(output: storage.Location, retry: set[str]) -> set[str]:
     with storage.storage_errors("read", output):
         dataset = pads.dataset(output.path, filesystem=output.fs, format="parquet", schema=ANNOTATION_SCHEMA)
         table = dataset.to_table(columns=["passage_id", "status"])
-    again = pc.is_in(table["status"], value_set=pa.array(sorted(retry), pa.string()))
-    return set(table.filter(pc.invert(again))["passage_id"].to_pylist())
+    return set(table.filter(pc.invert(to_retry(table["status"], retry)))["passage_id"].to_pylist())
+
+
+def to_retry(statuses: pa.ChunkedArray, retry: set[str]) -> pa.ChunkedArray:
+    """True where a stored row's status is one that a rerun asks again."""
+    return pc.is_in(statuses, value_set=pa.array(sorted(retry), pa.string()))
 
 
 def write_part(output: storage.Location, table: pa.Table) -> None:
@@ -236,11 +240,12 @@ class Progress:
         self.logged = 0  # passages counted in the last progress line
 
     def add(self, table: pa.Table) -> None:
-        self.statuses.update(table["status"].to_pylist())
+        statuses = table["status"].to_pylist()
+        self.statuses.update(statuses)
         billed = pc.invert(table["from_cache"])
         self.requests += pc.sum(table["attempts"]).as_py() or 0
         self.retries += sum(max(0, attempts - 1) for attempts in table["attempts"].to_pylist())
-        errors = [e for s, e in zip(table["status"].to_pylist(), table["error"].to_pylist()) if s == "error"]
+        errors = [e for s, e in zip(statuses, table["error"].to_pylist()) if s == "error"]
         if errors and not self.first_error:
             self.first_error = errors[0]
             log.warning("annotate: a passage ended in error (%s); it is stored as such, and a rerun asks again", errors[0])

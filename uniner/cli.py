@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("filelock", "urllib3", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.debug:  # Ray's own INFO lines (start-up, Ray Data's plans); uniner says what runs
+    if not args.debug:  # Ray core's INFO lines on the driver (Ray Data configures its own logger); uniner says what runs
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return args.handler(args)

@@ -137,10 +137,10 @@ class AnnotateConfig(StageConfig):
 
     def check(self) -> None:
         _require(self.input, "input", "the passages to annotate (output of `uniner passages`)")
+        _require(self.output, "output", "the directory to write annotations to")
         unknown = set(self.retry) - {"error", "malformed", "refused"}
         if unknown:
             raise UserError(f"--retry {','.join(sorted(unknown))} is not a status a rerun can retry: use error, malformed or refused")
-        _require(self.output, "output", "the directory to write annotations to")
         if self.prompt_variant not in ("type", "definition"):
             raise UserError(f"unknown --prompt-variant {self.prompt_variant!r}: use type or definition")
         for name in ("max_tokens", "concurrency", "num_actors", "batch_size", "requests_per_minute", "tokens_per_minute"):

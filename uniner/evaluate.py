@@ -28,8 +28,8 @@ from uniner import bio, storage
 from uniner.build_data import check_conversation, dataset_name_of, eval_queries
 from uniner.config import EvaluateConfig, to_dict
 from uniner.errors import UserError
-from uniner.models import short_name
 from uniner.formats import answer_text, official_list, parse_answer_lenient
+from uniner.models import short_name
 
 log = logging.getLogger("uniner.evaluate")
 
@@ -198,17 +198,15 @@ def read_predictions(config: EvaluateConfig, datasets: dict[str, list[Query]]) -
     return outputs, unknown
 
 
-def coverage(datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]) -> float:
-    """The share of queries that have a prediction."""
-    total = sum(len(queries) for queries in datasets.values())
+def covered_queries(datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]) -> tuple[int, int]:
+    """(queries with a prediction, all queries)."""
     covered = sum((name, q.id) in outputs for name, queries in datasets.items() for q in queries)
-    return covered / total if total else 1.0
+    return covered, sum(len(queries) for queries in datasets.values())
 
 
 def check_coverage(config: EvaluateConfig, datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]) -> None:
     """Predictions that leave queries out would score them as empty answers: refused unless asked for."""
-    total = sum(len(queries) for queries in datasets.values())
-    covered = round(coverage(datasets, outputs) * total)
+    covered, total = covered_queries(datasets, outputs)
     if covered < total and not config.allow_missing:
         raise UserError(f"--predictions {config.predictions} answer {covered} of {total} queries: predict them all "
                         "(with the same --sample-per-dataset and --seed), or pass --allow-missing to count the rest as "
@@ -349,8 +347,7 @@ def report_chart(report: dict[str, Any], path: str) -> None:
     if matched:
         for model, values in REFERENCE_F1.items():
             series[model] = [values.get(reference_domain(n) or "", float("nan")) for n in names] + [float("nan")]
-    note = (REFERENCE_NOTE if matched else "")
-    f1_bars(names + ["average"], series, path, note=note)
+    f1_bars(names + ["average"], series, path, note=REFERENCE_NOTE if matched else "")
 
 
 # ---------------------------------------------------------------- the stage
@@ -377,7 +374,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         lines = [json.dumps({"dataset": d, "id": i, "output": o}, ensure_ascii=False) for (d, i), o in outputs.items()]
         storage.write_text(output.join("predictions.jsonl"), "\n".join(lines) + "\n")
     scores = {name: score_dataset(queries, outputs) for name, queries in datasets.items()}
-    queries = sum(len(q) for q in datasets.values())
+    covered, queries = covered_queries(datasets, outputs)
     report = {
         "subject": config.model or PurePosixPath(config.predictions).name,
         "protocol": "UniNER official: answer after the last ASSISTANT:, JSON list at its start, SQuAD normalization, "
@@ -385,7 +382,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "datasets": scores,
         "average_f1": sum(s["f1"] for s in scores.values()) / len(scores) if scores else 0.0,
         "unknown_predictions": unknown,
-        "coverage": coverage(datasets, outputs),
+        "coverage": covered / queries if queries else 1.0,
         "seconds": round(time.time() - started, 1),
     }
     storage.write_json(output.join("report.json"), report)

@@ -27,8 +27,8 @@ from uniner import spans, storage
 from uniner.config import ExtractConfig, to_dict
 from uniner.documents import Document, ReaderSettings, document_files, read_documents, relative_names
 from uniner.errors import UserError
-from uniner.models import short_name
 from uniner.formats import LLAMA_EOS, Template, parse_answer_lenient
+from uniner.models import short_name
 
 log = logging.getLogger(__name__)
 

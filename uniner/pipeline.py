@@ -7,6 +7,8 @@ failure resumes at the first unfinished stage.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -96,10 +98,9 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
 
     raw = _apply_overrides(read_yaml(path), overrides)
     pipeline, configs = resolve(raw, f"in {path}")
-    if pipeline.stand_in_teacher and "annotate" in configs:
-        configs["annotate"].model = stand_in_name(pipeline.stand_in_teacher)  # served locally under this name
-    if pipeline.recorded_teacher and "annotate" in configs:
-        configs["annotate"].model = recorded.TEACHER
+    served = _served_teacher_name(pipeline)
+    if served and "annotate" in configs:
+        configs["annotate"].model = served
     modules = {name: stage_module(name) for name in configs}
     if dry_run:
         print("# uniner pipeline --dry-run")
@@ -146,10 +147,8 @@ def run_file(path: str, *, overrides: list[str], dry_run: bool) -> int:
         log.info("pipeline: running %s -> %s", name, config.output)
         # A stage that resumes keeps its partial output, unless an earlier stage of this run wrote its input anew.
         config.overwrite = config.overwrite or ran or not getattr(modules[name], "RESUMES", False)
-        if name == "annotate" and pipeline.stand_in_teacher:
-            summaries[name] = _annotate_with_stand_in(modules[name], config, pipeline.stand_in_teacher)
-        elif name == "annotate" and pipeline.recorded_teacher:
-            with recorded.recorded_teacher() as base_url:
+        if name == "annotate" and served:
+            with _served_teacher(pipeline) as base_url:
                 config.base_url = base_url
                 summaries[name] = modules[name].run(config)
         else:
@@ -209,19 +208,27 @@ def _missing_inputs(name: str, config: Any) -> list[str]:
     return [uri for uri in uris if not storage.exists(storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url))]
 
 
-def stand_in_name(spec: str) -> str:
-    return f"STAND-IN-TEACHER:{spec}"
+def _served_teacher_name(pipeline: PipelineConfig) -> str:
+    """The teacher name annotate records when the pipeline serves the teacher itself; "" when annotate calls its own."""
+    if pipeline.stand_in_teacher:
+        return f"STAND-IN-TEACHER:{pipeline.stand_in_teacher}"
+    return recorded.TEACHER if pipeline.recorded_teacher else ""
 
 
-def _annotate_with_stand_in(module: Any, config: Any, spec: str) -> dict[str, Any]:
-    """Run annotate against vLLM's own server for `spec`, labelled as a stand-in wherever the teacher is named."""
+@contextmanager
+def _served_teacher(pipeline: PipelineConfig) -> Iterator[str]:
+    """Serve the pipeline's own teacher for the block and yield its base URL: a model spec on vLLM's server,
+    labelled as a stand-in wherever the teacher is named, or the recorded answers."""
+    if not pipeline.stand_in_teacher:
+        with recorded.recorded_teacher() as base_url:
+            yield base_url
+        return
     from uniner.models import openai_server
 
-    served_name = stand_in_name(spec)
-    log.warning("pipeline: annotate uses %s served locally as a STAND-IN teacher, not a real teacher", spec)
-    with openai_server(spec, served_name=served_name) as base_url:
-        config.base_url, config.model = base_url, served_name
-        return module.run(config)
+    log.warning("pipeline: annotate uses %s served locally as a STAND-IN teacher, not a real teacher",
+                pipeline.stand_in_teacher)
+    with openai_server(pipeline.stand_in_teacher, served_name=_served_teacher_name(pipeline)) as base_url:
+        yield base_url
 
 
 def _ensure_corpus(pipeline: PipelineConfig) -> None:
