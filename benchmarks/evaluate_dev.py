@@ -20,8 +20,15 @@ import os
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ZERO_SHOT = ["crossner/ai/dev.txt", "crossner/literature/dev.txt", "crossner/music/dev.txt", "crossner/politics/dev.txt",
-             "crossner/science/dev.txt", "mit/movie/train.bio", "mit/restaurant/train.bio"]
+ZERO_SHOT = [
+    "crossner/ai/dev.txt",
+    "crossner/literature/dev.txt",
+    "crossner/music/dev.txt",
+    "crossner/politics/dev.txt",
+    "crossner/science/dev.txt",
+    "mit/movie/train.bio",
+    "mit/restaurant/train.bio",
+]
 APART = ["crossner/conll2003/test.txt"]
 
 
@@ -30,9 +37,15 @@ def evaluate_row(index: int, *, model: str = "", predictions: str = "", args) ->
     from uniner import evaluate
     from uniner.config import EvaluateConfig
 
-    config = EvaluateConfig(data=[str(SHARED / f) for f in ZERO_SHOT + APART], model=model, predictions=predictions,
-                            overwrite=True, output=os.path.join(args.workdir, f"row-{index}"), sample_per_dataset=args.sample,
-                            max_new_tokens=args.max_new_tokens)
+    config = EvaluateConfig(
+        data=[str(SHARED / f) for f in ZERO_SHOT + APART],
+        model=model,
+        predictions=predictions,
+        overwrite=True,
+        output=os.path.join(args.workdir, f"row-{index}"),
+        sample_per_dataset=args.sample,
+        max_new_tokens=args.max_new_tokens,
+    )
     config.check()
     summary = evaluate.run(config)
     # Samples nest (the smallest seeded hashes), so predictions made on a larger sample cover a smaller one; the
@@ -54,16 +67,27 @@ def table(rows: dict[str, dict[str, float]], names: list[str], zero_shot: list[s
 def chart(rows: dict[str, dict[str, float]], names: list[str], zero_shot: list[str], path: str) -> None:
     from uniner.evaluate import f1_bars
 
-    series = {label: [scores[n] for n in names] + [sum(scores[n] for n in zero_shot) / len(zero_shot)]
-              for label, scores in rows.items()}
+    series = {
+        label: [scores[n] for n in names] + [sum(scores[n] for n in zero_shot) / len(zero_shot)]
+        for label, scores in rows.items()
+    }
     f1_bars(names + ["zero-shot mean"], series, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="smollm2-135m-instruct", help="Comma-separated model specs to run, base first.")
-    parser.add_argument("--predictions", action="append", default=[], metavar="LABEL=FILE",
-                        help="predictions.jsonl of an earlier `uniner evaluate` run on the same sets, same or larger sample; repeatable.")
+    parser.add_argument(
+        "--models", default="smollm2-135m-instruct", help="Comma-separated model specs to run, base first."
+    )
+    parser.add_argument(
+        "--predictions",
+        action="append",
+        default=[],
+        metavar="LABEL=FILE",
+        help=(
+            "predictions.jsonl of an earlier `uniner evaluate` run on the same sets, same or larger sample; repeatable."
+        ),
+    )
     parser.add_argument("--sample", type=int, default=100, help="Sentences per set (a fixed seeded sample; 0: all).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--workdir", default="/tmp/uniner-bench-evaluate-dev")
@@ -89,7 +113,10 @@ def main() -> None:
     markdown = table(rows, names, zero_shot)
     Path(args.workdir, "dev.md").write_text(markdown + "\n")
     chart(rows, names, zero_shot, os.path.join(args.workdir, "dev.png"))
-    print(f"\nofficial protocol, strict F1 (%), {args.sample or 'all'} sentences per set; conll2003-test is trained-on data")
+    print(
+        f"\nofficial protocol, strict F1 (%), {args.sample or 'all'} sentences per set; "
+        "conll2003-test is trained-on data"
+    )
     print(markdown)
     print(f"(table in {args.workdir}/dev.md, chart in {args.workdir}/dev.png)")
     last = rows[list(rows)[-1]]

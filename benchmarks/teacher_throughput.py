@@ -40,12 +40,22 @@ def serve(port: int, latency_s: float) -> None:
         arrivals.append(time.time())
         body = await request.json()
         await asyncio.sleep(latency_s)
-        return web.json_response({
-            "id": "bench", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": '[("Ada Lovelace", "person")]'},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 90, "completion_tokens": 10, "total_tokens": 100},
-        })
+        return web.json_response(
+            {
+                "id": "bench",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": '[("Ada Lovelace", "person")]'},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 90, "completion_tokens": 10, "total_tokens": 100},
+            }
+        )
 
     async def listing(_: web.Request) -> web.Response:
         return web.json_response(arrivals)
@@ -65,9 +75,20 @@ def rate(times: list[float]) -> float:
 
 
 def passages_table(n: int) -> pa.Table:
-    texts = [f"Passage {i}: Ada Lovelace wrote the first program for the Analytical Engine in London." for i in range(n)]
-    return pa.table({"passage_id": [f"p{i:05d}" for i in range(n)], "doc_id": [f"d{i}" for i in range(n)], "text": texts,
-                     "char_start": [0] * n, "char_end": [len(t) for t in texts], "n_tokens": [20] * n, "source": ["bench"] * n})
+    texts = [
+        f"Passage {i}: Ada Lovelace wrote the first program for the Analytical Engine in London." for i in range(n)
+    ]
+    return pa.table(
+        {
+            "passage_id": [f"p{i:05d}" for i in range(n)],
+            "doc_id": [f"d{i}" for i in range(n)],
+            "text": texts,
+            "char_start": [0] * n,
+            "char_end": [len(t) for t in texts],
+            "n_tokens": [20] * n,
+            "source": ["bench"] * n,
+        }
+    )
 
 
 def main() -> None:
@@ -99,15 +120,25 @@ def main() -> None:
         except OSError:
             time.sleep(0.1)
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")])
+    )
     init_ray()
     table = passages_table(args.requests)
     with tempfile.TemporaryDirectory() as work:
         pq.write_table(table, os.path.join(work, "passages.parquet"))
         config = AnnotateConfig(
-            input=work, output=os.path.join(work, "out"), base_url=f"http://127.0.0.1:{port}/v1", model="bench-teacher",
-            api_key_env="UNINER_BENCH_NO_KEY", max_tokens=64, requests_per_minute=args.rpm, tokens_per_minute=10**9,
-            num_actors=args.actors, concurrency=args.concurrency, cache="off",
+            input=work,
+            output=os.path.join(work, "out"),
+            base_url=f"http://127.0.0.1:{port}/v1",
+            model="bench-teacher",
+            api_key_env="UNINER_BENCH_NO_KEY",
+            max_tokens=64,
+            requests_per_minute=args.rpm,
+            tokens_per_minute=10**9,
+            num_actors=args.actors,
+            concurrency=args.concurrency,
+            cache="off",
         )
         started = time.time()
         summary = annotate.run(config)
@@ -115,10 +146,19 @@ def main() -> None:
         stage_times = arrivals(port, started)
     assert summary["status"] == {"ok": args.requests}, summary["status"]
 
-    http = HttpRequestProcessorConfig(url=f"http://127.0.0.1:{port}/v1/chat/completions", concurrency=args.actors, batch_size=64)
+    http = HttpRequestProcessorConfig(
+        url=f"http://127.0.0.1:{port}/v1/chat/completions", concurrency=args.actors, batch_size=64
+    )
     processor = build_processor(
         http,
-        preprocess=lambda row: {"payload": {"model": "bench-teacher", "messages": teacher_messages(row["text"]), "temperature": 0.0, "max_tokens": 64}},
+        preprocess=lambda row: {
+            "payload": {
+                "model": "bench-teacher",
+                "messages": teacher_messages(row["text"]),
+                "temperature": 0.0,
+                "max_tokens": 64,
+            }
+        },
         postprocess=lambda row: {"answer": row["http_response"]["choices"][0]["message"]["content"]},
     )
     started = time.time()
@@ -129,11 +169,17 @@ def main() -> None:
 
     ideal = min(args.rpm / 60, args.actors * args.concurrency / args.latency_s)
     stage_rate, http_rate = rate(stage_times), rate(http_times)
-    print(f"{args.requests} requests, {args.latency_s * 1000:.0f} ms latency; ideal rate min({args.rpm / 60:.0f}/s limit, "
-          f"{args.actors} x {args.concurrency} / {args.latency_s} s) = {ideal:.1f}/s")
-    print(f"| run | requests/s at the server | wall s (with actor start) |")
-    print(f"| --- | --- | --- |")
-    print(f"| uniner annotate ({args.actors} actors x {args.concurrency} in flight) | {stage_rate:.1f} | {stage_wall:.1f} |")
+    print(
+        f"{args.requests} requests, {args.latency_s * 1000:.0f} ms latency; "
+        f"ideal rate min({args.rpm / 60:.0f}/s limit, "
+        f"{args.actors} x {args.concurrency} / {args.latency_s} s) = {ideal:.1f}/s"
+    )
+    print("| run | requests/s at the server | wall s (with actor start) |")
+    print("| --- | --- | --- |")
+    print(
+        f"| uniner annotate ({args.actors} actors x {args.concurrency} in flight) | "
+        f"{stage_rate:.1f} | {stage_wall:.1f} |"
+    )
     print(f"| HttpRequestProcessorConfig ({args.actors} workers, batch 64) | {http_rate:.1f} | {http_wall:.1f} |")
     print(f"teacher_efficiency: {stage_rate / ideal:.2f}")
     print(f"teacher_vs_http_processor: {stage_rate / http_rate:.2f}")

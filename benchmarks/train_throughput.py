@@ -37,10 +37,18 @@ WINDOWS_FILE = "windows.pkl"
 
 
 def bench_config(args, work: Path):
-    from uniner.config import BUILTIN_MODEL, TrainConfig
+    from uniner.config import BASE_MODEL, TrainConfig
 
-    return TrainConfig(data=str(work / "train.json"), output=str(work / "out"), model=BUILTIN_MODEL, num_workers=1,
-                       cpus_per_worker=args.threads, batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-5)
+    return TrainConfig(
+        data=str(work / "train.json"),
+        output=str(work / "out"),
+        model=BASE_MODEL,
+        num_workers=1,
+        cpus_per_worker=args.threads,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=2e-5,
+    )
 
 
 def worker_windows(config) -> list[dict]:
@@ -92,9 +100,19 @@ def plain_loop(config, windows: list[dict], *, threads: int) -> list[tuple[float
     for step in range(config.max_steps):
         started = time.perf_counter()
         group = list(itertools.islice(batches, config.grad_accum))
-        result = train_step(model, optimizer, scheduler, group, device=torch.device("cpu"), bf16=False, max_grad_norm=config.max_grad_norm)
+        result = train_step(
+            model,
+            optimizer,
+            scheduler,
+            group,
+            device=torch.device("cpu"),
+            bf16=False,
+            max_grad_norm=config.max_grad_norm,
+        )
         timed.append((time.perf_counter() - started, result["tokens"]))
-        print(f"plain loop: step {step + 1}/{config.max_steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True)
+        print(
+            f"plain loop: step {step + 1}/{config.max_steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True
+        )
     return timed
 
 
@@ -103,7 +121,10 @@ def step_tokens(windows: list[dict], config, *, pad_id: int) -> list[int]:
     from uniner.train import epoch_batches
 
     batches = epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id)
-    return [sum(int(b["attention_mask"].sum()) for b in itertools.islice(batches, config.grad_accum)) for _ in range(config.max_steps)]
+    return [
+        sum(int(b["attention_mask"].sum()) for b in itertools.islice(batches, config.grad_accum))
+        for _ in range(config.max_steps)
+    ]
 
 
 def conversations(windows: list[dict]) -> int:
@@ -126,8 +147,22 @@ def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]
     from uniner.train import WORKER_RUNTIME_ENV
 
     out = work / f"plain-{round_index}.json"
-    command = [sys.executable, __file__, "--plain-loop-to", str(out), "--workdir", str(work), "--steps", str(args.steps),
-               "--skip", str(args.skip), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--plain-loop-to",
+        str(out),
+        "--workdir",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--skip",
+        str(args.skip),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **WORKER_RUNTIME_ENV["env_vars"]}
     subprocess.run(command, env=env, check=True)
     return [tuple(step) for step in json.loads(out.read_text())]
@@ -160,7 +195,10 @@ def main() -> None:
     parser.add_argument("--plain-loop-to", help=argparse.SUPPRESS)  # internal: run one plain loop, write its steps here
     args = parser.parse_args()
     if args.rounds < 1 or not 0 <= args.skip < args.steps:
-        parser.error("--rounds must be at least 1 and --skip below --steps (no steps would be measured): e.g. --rounds 3 --steps 10 --skip 3")
+        parser.error(
+            "--rounds must be at least 1 and --skip below --steps (no steps would be measured): "
+            "e.g. --rounds 3 --steps 10 --skip 3"
+        )
     if not SAMPLE.is_file():
         sys.exit(f"the Pile-NER sample is not at {SAMPLE}: place ../shared/data beside the project")
 
@@ -186,7 +224,9 @@ def main() -> None:
         sys.exit(f"--steps {args.steps} is more than one epoch of the sample ({per_epoch} steps): give fewer steps")
     pad_id = padding_id(AutoTokenizer.from_pretrained(resolve_model(config.model)))
     grouped = nonpad_share(epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id))
-    ungrouped = nonpad_share(epoch_batches(one_batch_windows(windows, config.batch_size), config, epoch=0, rank=0, pad_id=pad_id))
+    ungrouped = nonpad_share(
+        epoch_batches(one_batch_windows(windows, config.batch_size), config, epoch=0, rank=0, pad_id=pad_id)
+    )
     expected = step_tokens(windows, config, pad_id=pad_id)
 
     plain, ray, walls = [], [], []
@@ -200,23 +240,42 @@ def main() -> None:
                 ray.append(run)
                 walls.append(wall)
             if [n for _, n in run] != expected:
-                sys.exit(f"the {side} side did not train on the kept batches (tokens per step: expected {expected}, got "
-                         f"{[n for _, n in run]}), so the sides cannot be compared: report this with the Ray version")
+                sys.exit(
+                    f"the {side} side did not train on the kept batches (tokens per step: expected {expected}, got "
+                    f"{[n for _, n in run]}), so the sides cannot be compared: report this with the Ray version"
+                )
     plain_rate, ray_rate = per_token(after_warmup(plain, args.skip)), per_token(after_warmup(ray, args.skip))
 
-    print(f"\n{conversations(windows)} trainable conversations of the Pile-NER sample, {config.model}, batch {config.batch_size}, "
-          f"fp32, {args.threads} threads, {args.rounds} rounds of {args.steps} steps a side (first {args.skip} of each left out)")
+    print(
+        f"\n{conversations(windows)} trainable conversations of the Pile-NER sample, "
+        f"{config.model}, batch {config.batch_size}, "
+        f"fp32, {args.threads} threads, {args.rounds} rounds of {args.steps} steps a side "
+        f"(first {args.skip} of each left out)"
+    )
     print("| batching | non-padding token share |\n| --- | --- |")
-    print(f"| random order | {ungrouped:.3f} |\n| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |")
-    print("\n| round | first | plain ms per real token | Ray Train ms per real token | ratio | plain steps s | Ray steps s |")
+    print(
+        f"| random order | {ungrouped:.3f} |\n"
+        f"| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |"
+    )
+    print(
+        "\n| round | first | plain ms per real token | Ray Train ms per real token | ratio | "
+        "plain steps s | Ray steps s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for index, (plain_run, ray_run) in enumerate(zip(plain, ray)):
         round_plain, round_ray = per_token(plain_run[args.skip :]), per_token(ray_run[args.skip :])
-        print(f"| {index + 1} | {'plain' if index % 2 == 0 else 'Ray'} | {1000 * round_plain:.2f} | {1000 * round_ray:.2f} | "
-              f"{round_ray / round_plain:.3f} | {' '.join(f'{s:.1f}' for s, _ in plain_run)} | {' '.join(f'{s:.1f}' for s, _ in ray_run)} |")
+        print(
+            f"| {index + 1} | {'plain' if index % 2 == 0 else 'Ray'} | "
+            f"{1000 * round_plain:.2f} | {1000 * round_ray:.2f} | "
+            f"{round_ray / round_plain:.3f} | {' '.join(f'{s:.1f}' for s, _ in plain_run)} | "
+            f"{' '.join(f'{s:.1f}' for s, _ in ray_run)} |"
+        )
     print(f"| pooled | | {1000 * plain_rate:.2f} | {1000 * ray_rate:.2f} | {ray_rate / plain_rate:.3f} | | |")
-    print(f"(tokens per step, the same on both sides: {' '.join(map(str, expected))}; each Ray Train run took "
-          f"{statistics.median(walls):.0f} s end to end (median), with tokenization, worker start and the final checkpoint)\n")
+    print(
+        f"(tokens per step, the same on both sides: {' '.join(map(str, expected))}; each Ray Train run took "
+        f"{statistics.median(walls):.0f} s end to end (median), "
+        "with tokenization, worker start and the final checkpoint)\n"
+    )
     print(f"nonpad_token_share: {grouped:.3f}")
     print(f"ray_train_overhead: {ray_rate / plain_rate:.3f}")
 

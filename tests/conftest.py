@@ -21,8 +21,16 @@ os.environ.pop("RAY_ADDRESS", None)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # What makes a test slow on 2 cores: a Ray cluster, a vLLM engine or training. `pytest -m "not slow"` runs the rest.
-SLOW_FIXTURES = {"ray_session", "worker_env", "cluster", "vllm_server", "vllm_launch", "vllm_run", "transformers_run",
-                 "killed_and_resumed"}
+SLOW_FIXTURES = {
+    "ray_session",
+    "worker_env",
+    "cluster",
+    "vllm_server",
+    "vllm_launch",
+    "vllm_run",
+    "transformers_run",
+    "killed_and_resumed",
+}
 SLOW_FILES = {"test_end_to_end.py", "test_multinode.py", "test_ray_job.py"}
 
 
@@ -107,9 +115,16 @@ def tiny_model_dir(tmp_path_factory, builtin_model_dir):
     folder = tmp_path_factory.mktemp("tiny-model")
     tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -75,11 +75,18 @@ class FaultServer:
                     self._send(status, {"error": {"message": content, "type": "fault", "code": status}}, headers)
                     return
                 message = {"role": "assistant", "content": content, "refusal": None}
-                self._send(200, {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": {"prompt_tokens": 40 + len(passage) // 4, "completion_tokens": 12, "total_tokens": 52},
-                }, {})
+                self._send(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                        "usage": {"prompt_tokens": 40 + len(passage) // 4, "completion_tokens": 12, "total_tokens": 52},
+                    },
+                    {},
+                )
 
             def _send(self, status, payload, headers):
                 data = json.dumps(payload).encode()

@@ -16,8 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pyarrow.fs import FileSelector
 import pytest
+from conftest import run_cli
+from fault_server import SECRET, FaultServer
+from pyarrow.fs import FileSelector
 
 from uniner import storage
 from uniner.annotate import ANNOTATION_SCHEMA, annotation_row, run
@@ -25,13 +27,12 @@ from uniner.config import AnnotateConfig
 from uniner.errors import UserError
 from uniner.teacher import Answer, RateLimiter
 from uniner.teacher_answers import filter_pairs, parse_pairs
-from conftest import run_cli
-from fault_server import SECRET, FaultServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the parser ----
+
 
 @pytest.mark.parametrize(
     "answer, pairs, problem",
@@ -39,7 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ('[("Barack Obama", "person"), ("Paris", "city")]', [("Barack Obama", "person"), ("Paris", "city")], ""),
         ('[["Barack Obama", "person"], ["Paris", "city"]]', [("Barack Obama", "person"), ("Paris", "city")], ""),
         ("[('Paris', 'city'), ('Seine', 'river')]", [("Paris", "city"), ("Seine", "river")], ""),
-        ("""[("O'Brien", 'person'), ('the "Times"', "newspaper")]""", [("O'Brien", "person"), ('the "Times"', "newspaper")], ""),
+        (
+            """[("O'Brien", 'person'), ('the "Times"', "newspaper")]""",
+            [("O'Brien", "person"), ('the "Times"', "newspaper")],
+            "",
+        ),
         ('```python\n[("Python", "programming language")]\n```', [("Python", "programming language")], ""),
         ('Sure! Here are the entities:\n[("IBM", "company")]\nLet me know if you need more.', [("IBM", "company")], ""),
         ('[("IBM", "company")]\n\nNote: [1] refers to the source.', [("IBM", "company")], ""),
@@ -68,8 +73,17 @@ def test_parser_marks_a_cut_off_list():
 def test_filters_drop_else_types_and_non_english_and_flag_strings_not_in_the_passage():
     passage = "Alice met Bob in Paris."
     kept, dropped = filter_pairs(
-        [("Alice", "person"), ("Bob", "NA"), ("Paris", "misc"), ("Москва", "city"), ("Alice", "person"),
-         ("Tokyo", "city"), ("  ", "thing"), ("Café Zoë", "place"), ("Bob", "Other")],
+        [
+            ("Alice", "person"),
+            ("Bob", "NA"),
+            ("Paris", "misc"),
+            ("Москва", "city"),
+            ("Alice", "person"),
+            ("Tokyo", "city"),
+            ("  ", "thing"),
+            ("Café Zoë", "place"),
+            ("Bob", "Other"),
+        ],
         passage,
     )
     assert kept == [
@@ -77,8 +91,14 @@ def test_filters_drop_else_types_and_non_english_and_flag_strings_not_in_the_pas
         {"text": "Tokyo", "type": "city", "in_passage": False},
         {"text": "Café Zoë", "type": "place", "in_passage": False},
     ]
-    assert [d["reason"] for d in dropped] == ["else-like type", "else-like type", "non-English entity", "duplicate",
-                                             "empty entity", "else-like type"]
+    assert [d["reason"] for d in dropped] == [
+        "else-like type",
+        "else-like type",
+        "non-English entity",
+        "duplicate",
+        "empty entity",
+        "else-like type",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -112,11 +132,22 @@ def test_rate_limiter_spaces_requests_and_tokens():
 
 # ---- a teacher that misbehaves on request (tests/fault_server.py) ----
 
+
 def write_passages(folder: Path, texts: list[str]) -> str:
     """A passages table as `uniner passages` writes it."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"passage_id": f"p{i:04d}", "doc_id": f"d{i}", "text": text, "char_start": 0, "char_end": len(text),
-             "n_tokens": len(text.split()), "source": "test"} for i, text in enumerate(texts)]
+    rows = [
+        {
+            "passage_id": f"p{i:04d}",
+            "doc_id": f"d{i}",
+            "text": text,
+            "char_start": 0,
+            "char_end": len(text),
+            "n_tokens": len(text.split()),
+            "source": "test",
+        }
+        for i, text in enumerate(texts)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
     return str(folder)
 
@@ -140,17 +171,41 @@ def worker_env():
 
 
 def fault_config(server, passages, output, tmp_path, **overrides):
-    values = dict(input=passages, output=str(output), base_url=server.url, model="fault-teacher", api_key_env="UNINER_TEST_KEY",
-                  max_retries=2, timeout_s=3.0, requests_per_minute=6000, num_actors=1, concurrency=8, batch_size=2,
-                  cache=str(tmp_path / "cache"), price_input_per_mtok=1.0, price_output_per_mtok=2.0)
+    values = dict(
+        input=passages,
+        output=str(output),
+        base_url=server.url,
+        model="fault-teacher",
+        api_key_env="UNINER_TEST_KEY",
+        max_retries=2,
+        timeout_s=3.0,
+        requests_per_minute=6000,
+        num_actors=1,
+        concurrency=8,
+        batch_size=2,
+        cache=str(tmp_path / "cache"),
+        price_input_per_mtok=1.0,
+        price_output_per_mtok=2.0,
+    )
     values.update(overrides)
     return AnnotateConfig(**values)
 
 
 def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_session):
-    texts = ["RATELIMITED Alice went home.", "FLAKY Bob went out.", "SLOW Carol sat down.", "BROKEN Dan stood up.",
-             "REFUSE Eve left.", "GARBLED Fay came.", "CUTOFF Gus ran off to Paris.", "LEAKY Hal sang.",
-             "Ivy waved.", "Jon nodded.", "DROPPED Kay hummed.", "PROXY Lee smiled."]
+    texts = [
+        "RATELIMITED Alice went home.",
+        "FLAKY Bob went out.",
+        "SLOW Carol sat down.",
+        "BROKEN Dan stood up.",
+        "REFUSE Eve left.",
+        "GARBLED Fay came.",
+        "CUTOFF Gus ran off to Paris.",
+        "LEAKY Hal sang.",
+        "Ivy waved.",
+        "Jon nodded.",
+        "DROPPED Kay hummed.",
+        "PROXY Lee smiled.",
+    ]
     server = FaultServer()
     passages = write_passages(tmp_path / "passages", texts)
     config = fault_config(server, passages, tmp_path / "out", tmp_path)
@@ -160,22 +215,52 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     rows = {row["text"]: row for row in table.to_pylist()}
     assert sorted(table["passage_id"].to_pylist()) == [f"p{i:04d}" for i in range(len(texts))]
     status = {text.split()[0]: rows[text]["status"] for text in texts}
-    assert status == {"RATELIMITED": "ok", "FLAKY": "ok", "SLOW": "ok", "BROKEN": "error", "REFUSE": "refused",
-                      "GARBLED": "malformed", "CUTOFF": "ok", "LEAKY": "error", "Ivy": "ok", "Jon": "ok",
-                      "DROPPED": "ok", "PROXY": "error"}
+    assert status == {
+        "RATELIMITED": "ok",
+        "FLAKY": "ok",
+        "SLOW": "ok",
+        "BROKEN": "error",
+        "REFUSE": "refused",
+        "GARBLED": "malformed",
+        "CUTOFF": "ok",
+        "LEAKY": "error",
+        "Ivy": "ok",
+        "Jon": "ok",
+        "DROPPED": "ok",
+        "PROXY": "error",
+    }
     counts = {text.split()[0]: server.count(text) for text in texts}
-    assert counts == {"RATELIMITED": 2, "FLAKY": 2, "SLOW": 2, "BROKEN": 3, "REFUSE": 1, "GARBLED": 1, "CUTOFF": 1,
-                      "LEAKY": 1, "Ivy": 1, "Jon": 1, "DROPPED": 2, "PROXY": 1}
+    assert counts == {
+        "RATELIMITED": 2,
+        "FLAKY": 2,
+        "SLOW": 2,
+        "BROKEN": 3,
+        "REFUSE": 1,
+        "GARBLED": 1,
+        "CUTOFF": 1,
+        "LEAKY": 1,
+        "Ivy": 1,
+        "Jon": 1,
+        "DROPPED": 2,
+        "PROXY": 1,
+    }
     limited = server.requests["RATELIMITED Alice went home."]
     assert limited[1] - limited[0] >= 1.0  # Retry-After: 1 was honoured
-    assert rows["Ivy waved."]["entities"] == [{"text": "Ivy", "type": "word", "in_passage": True},
-                                              {"text": "Zanzibar", "type": "island", "in_passage": False}]
+    assert rows["Ivy waved."]["entities"] == [
+        {"text": "Ivy", "type": "word", "in_passage": True},
+        {"text": "Zanzibar", "type": "island", "in_passage": False},
+    ]
     assert rows["Ivy waved."]["dropped_entities"] == [{"text": "it", "type": "none", "reason": "else-like type"}]
-    assert rows["CUTOFF Gus ran off to Paris."]["entities"] == [{"text": "CUTOFF", "type": "signal", "in_passage": True}]
+    assert rows["CUTOFF Gus ran off to Paris."]["entities"] == [
+        {"text": "CUTOFF", "type": "signal", "in_passage": True}
+    ]
     assert "cut off" in rows["CUTOFF Gus ran off to Paris."]["error"]
     assert "after 3 attempts" in rows["BROKEN Dan stood up."]["error"]
     assert SECRET not in rows["LEAKY Hal sang."]["error"] and "***" in rows["LEAKY Hal sang."]["error"]
-    assert "not a chat completion" in rows["PROXY Lee smiled."]["error"] and "Proxy login" in rows["PROXY Lee smiled."]["error"]
+    assert (
+        "not a chat completion" in rows["PROXY Lee smiled."]["error"]
+        and "Proxy login" in rows["PROXY Lee smiled."]["error"]
+    )
     assert server.keys == {f"Bearer {SECRET}"}
 
     assert summary["passages_stored"] == 12 and summary["status"]["ok"] == 7
@@ -200,7 +285,9 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     assert {t: server.count(t) for t in texts} == before and read_output(tmp_path / "out").num_rows == 12
 
     # The same output with another teacher: one line that names the change and the fix.
-    with pytest.raises(UserError, match="holds annotations made with other settings.*'fault-teacher' -> 'other'.*--overwrite"):
+    with pytest.raises(
+        UserError, match="holds annotations made with other settings.*'fault-teacher' -> 'other'.*--overwrite"
+    ):
         run(fault_config(server, passages, tmp_path / "out", tmp_path, model="other"))
 
     # A fresh output with the same settings: answers come from the cache; only the errors are asked again.
@@ -213,13 +300,23 @@ def test_faults_retries_statuses_and_a_free_repeat(tmp_path, worker_env, ray_ses
     server.stop()
 
 
-def test_rate_limit_holds_for_the_whole_job_with_output_and_cache_on_s3(tmp_path, worker_env, ray_session, s3_bucket, s3_endpoint):
+def test_rate_limit_holds_for_the_whole_job_with_output_and_cache_on_s3(
+    tmp_path, worker_env, ray_session, s3_bucket, s3_endpoint
+):
     server = FaultServer()
     texts = [f"Word{i} is here." for i in range(16)]
     rpm = 300  # 5 requests per second over two actors
-    config = fault_config(server, write_passages(tmp_path / "passages", texts), f"{s3_bucket}/out", tmp_path,
-                          requests_per_minute=rpm, num_actors=2, cache=f"{s3_bucket}/cache", s3_endpoint_url=s3_endpoint,
-                          timeout_s=30.0)  # no timeouts on a busy machine: every request is counted once
+    config = fault_config(
+        server,
+        write_passages(tmp_path / "passages", texts),
+        f"{s3_bucket}/out",
+        tmp_path,
+        requests_per_minute=rpm,
+        num_actors=2,
+        cache=f"{s3_bucket}/cache",
+        s3_endpoint_url=s3_endpoint,
+        timeout_s=30.0,
+    )  # no timeouts on a busy machine: every request is counted once
     summary = run(config)
     assert summary["status"] == {"ok": 16} and summary["passages_stored"] == 16
     bucket = storage.locate(s3_bucket, s3_endpoint_url=s3_endpoint)
@@ -243,11 +340,37 @@ def test_kill_halfway_then_rerun_stores_every_passage_once(tmp_path, worker_env,
     texts = [f"Name{i} walked to the market." for i in range(40)]
     passages = write_passages(tmp_path / "passages", texts)
     output = tmp_path / "out"
-    args = ["annotate", "--input", passages, "--output", str(output), "--base-url", server.url, "--model", "fault-teacher",
-            "--api-key-env", "UNINER_TEST_KEY", "--num-actors", "1", "--concurrency", "2", "--batch-size", "2",
-            "--requests-per-minute", "600", "--cache", "off"]
-    job = subprocess.Popen([sys.executable, "-m", "uniner", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = [
+        "annotate",
+        "--input",
+        passages,
+        "--output",
+        str(output),
+        "--base-url",
+        server.url,
+        "--model",
+        "fault-teacher",
+        "--api-key-env",
+        "UNINER_TEST_KEY",
+        "--num-actors",
+        "1",
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "2",
+        "--requests-per-minute",
+        "600",
+        "--cache",
+        "off",
+    ]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "uniner", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 600  # a fresh Ray and its actor start slowly on a loaded machine
     while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 3 and job.poll() is None:
         time.sleep(0.2)
@@ -263,9 +386,21 @@ def test_kill_halfway_then_rerun_stores_every_passage_once(tmp_path, worker_env,
     assert "annotate:" in printed and SECRET not in printed
 
     # The same command again (in this process, to spare a second Ray start): it resumes.
-    config = fault_config(server, passages, output, tmp_path, num_actors=1, concurrency=2, batch_size=2,
-                          requests_per_minute=600, cache="off", max_retries=6, timeout_s=60.0,
-                          price_input_per_mtok=0.0, price_output_per_mtok=0.0)
+    config = fault_config(
+        server,
+        passages,
+        output,
+        tmp_path,
+        num_actors=1,
+        concurrency=2,
+        batch_size=2,
+        requests_per_minute=600,
+        cache="off",
+        max_retries=6,
+        timeout_s=60.0,
+        price_input_per_mtok=0.0,
+        price_output_per_mtok=0.0,
+    )
     summary = run(config)
     table = read_output(output)
     assert sorted(table["text"].to_pylist()) == sorted(texts) and set(table["status"].to_pylist()) == {"ok"}
@@ -279,8 +414,20 @@ def test_kill_halfway_then_rerun_stores_every_passage_once(tmp_path, worker_env,
 def test_dry_run_estimates_without_a_request(tmp_path):
     server = FaultServer()
     passages = write_passages(tmp_path / "passages", ["Alice met Bob in Paris. " * 10] * 3)
-    result = run_cli("annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", server.url,
-                     "--price-input-per-mtok", "1000", "--max-tokens", "100", "--dry-run")
+    result = run_cli(
+        "annotate",
+        "--input",
+        passages,
+        "--output",
+        str(tmp_path / "out"),
+        "--base-url",
+        server.url,
+        "--price-input-per-mtok",
+        "1000",
+        "--max-tokens",
+        "100",
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     assert "annotate 3 of 3 passages" in result.stdout and "estimated input tokens (chars/4 rule)" in result.stdout
     assert "estimated cost: $0." in result.stdout and server.times() == []
@@ -303,6 +450,7 @@ def test_a_refused_key_stops_the_job_with_one_line(tmp_path, worker_env, ray_ses
 
 # ---- a real OpenAI-compatible server: vLLM serving the built-in model ----
 
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -320,10 +468,28 @@ def vllm_launch(request, builtin_model_dir, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("vllm") / "server.log"
     with open(log_file, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(builtin_model_dir),
-             "--served-model-name", "smol-teacher", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
-             "--dtype", "float32", "--enforce-eager"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(builtin_model_dir),
+                "--served-model-name",
+                "smol-teacher",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-model-len",
+                "1024",
+                "--dtype",
+                "float32",
+                "--enforce-eager",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            start_new_session=True,
         )
     yield server, port, log_file
     os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: its engine process goes with it
@@ -353,13 +519,24 @@ def vllm_server(vllm_launch):
 
 
 def test_happy_path_against_vllm(tmp_path, vllm_server, worker_env, ray_session, caplog):
-    texts = ["Barack Obama was born in Hawaii and served as president of the United States.",
-             "Apple released the iPhone in San Francisco in 2007.",
-             "Marie Curie won the Nobel Prize in Physics in 1903."]
+    texts = [
+        "Barack Obama was born in Hawaii and served as president of the United States.",
+        "Apple released the iPhone in San Francisco in 2007.",
+        "Marie Curie won the Nobel Prize in Physics in 1903.",
+    ]
     passages = write_passages(tmp_path / "passages", texts)
-    config = AnnotateConfig(input=passages, output=str(tmp_path / "out"), base_url=vllm_server, model="smol-teacher",
-                            api_key_env="UNINER_NO_SUCH_KEY", max_tokens=48, cache="off", num_actors=1,
-                            price_input_per_mtok=0.5, price_output_per_mtok=1.5)
+    config = AnnotateConfig(
+        input=passages,
+        output=str(tmp_path / "out"),
+        base_url=vllm_server,
+        model="smol-teacher",
+        api_key_env="UNINER_NO_SUCH_KEY",
+        max_tokens=48,
+        cache="off",
+        num_actors=1,
+        price_input_per_mtok=0.5,
+        price_output_per_mtok=1.5,
+    )
     with caplog.at_level("INFO", logger="uniner"):
         summary = run(config)
     assert "placeholder key" in caplog.text
@@ -378,10 +555,22 @@ def test_an_unreachable_teacher_stops_the_run_after_the_first_retries(tmp_path, 
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
     passages = write_passages(tmp_path / "passages", [f"Name{i} walked home." for i in range(30)])
-    config = AnnotateConfig(input=passages, output=str(tmp_path / "out"), base_url=url, model="m", max_retries=2,
-                            concurrency=2, num_actors=1, batch_size=2, cache="off")
-    with pytest.raises(UserError, match=rf"the teacher endpoint {url} cannot be reached \(APIConnectionError.*after 3 "
-                                        r"attempts\)\): check --base-url and that the server is up"):
+    config = AnnotateConfig(
+        input=passages,
+        output=str(tmp_path / "out"),
+        base_url=url,
+        model="m",
+        max_retries=2,
+        concurrency=2,
+        num_actors=1,
+        batch_size=2,
+        cache="off",
+    )
+    with pytest.raises(
+        UserError,
+        match=rf"the teacher endpoint {url} cannot be reached \(APIConnectionError.*after 3 "
+        r"attempts\)\): check --base-url and that the server is up",
+    ):
         run(config)
     assert read_output(tmp_path / "out").num_rows == 0  # no passage was stored as an error
 
@@ -389,8 +578,21 @@ def test_an_unreachable_teacher_stops_the_run_after_the_first_retries(tmp_path, 
 def test_a_run_with_errors_exits_3_and_a_rerun_asks_only_for_those(tmp_path, worker_env):
     server = FaultServer()
     passages = write_passages(tmp_path / "passages", ["BROKEN Dan stood up.", "Ivy waved."])
-    args = ["annotate", "--input", passages, "--output", str(tmp_path / "out"), "--base-url", server.url,
-            "--api-key-env", "UNINER_TEST_KEY", "--max-retries", "0", "--cache", "off"]
+    args = [
+        "annotate",
+        "--input",
+        passages,
+        "--output",
+        str(tmp_path / "out"),
+        "--base-url",
+        server.url,
+        "--api-key-env",
+        "UNINER_TEST_KEY",
+        "--max-retries",
+        "0",
+        "--cache",
+        "off",
+    ]
     result = run_cli(*args)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "uniner annotate: incomplete" in result.stdout and "error 1" in result.stdout
@@ -413,8 +615,17 @@ def test_the_recorded_teacher_replays_real_answers_through_the_stage(tmp_path, w
     cut = first["text"][: len(first["text"]) // 2]  # the passages stage may cut a recorded passage in two
     passages = write_passages(tmp_path / "passages", [first["text"], cut, second["text"], "A passage nobody recorded."])
     with recorded_teacher() as url:
-        summary = run(AnnotateConfig(input=passages, output=str(tmp_path / "out"), base_url=url, model=TEACHER,
-                                     cache="off", num_actors=1, batch_size=2))
+        summary = run(
+            AnnotateConfig(
+                input=passages,
+                output=str(tmp_path / "out"),
+                base_url=url,
+                model=TEACHER,
+                cache="off",
+                num_actors=1,
+                batch_size=2,
+            )
+        )
     rows = {row["text"]: row for row in read_output(tmp_path / "out").to_pylist()}
     assert [(e["text"], e["type"]) for e in rows[first["text"]]["entities"]] == [tuple(p) for p in first["entities"]]
     assert {e["text"] for e in rows[cut]["entities"]} == {e for e, _ in first["entities"] if e in cut}

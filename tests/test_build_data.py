@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
+import yaml
 from conftest import run_cli
+
 from uniner import bio
-from uniner.build_data import NegativeSampler, run, type_statistics, type_variant_merges
+from uniner.build_data import NegativeSampler, run, type_variant_merges, vary_forms
 from uniner.config import BuildDataConfig
+from uniner.conversations import type_statistics
 from uniner.errors import UserError
 
 ACK = {"from": "gpt", "value": "I've read this text."}
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _annotations(tmp_path, rows):
     entity = pa.struct([("text", pa.string()), ("type", pa.string())])
-    schema = pa.schema([("passage_id", pa.string()), ("text", pa.string()), ("entities", pa.list_(entity)), ("status", pa.string())])
+    schema = pa.schema(
+        [("passage_id", pa.string()), ("text", pa.string()), ("entities", pa.list_(entity)), ("status", pa.string())]
+    )
     folder = tmp_path / "annotations"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-0.parquet")
@@ -42,11 +48,23 @@ def _qa(record):
 
 def test_exact_conversation_from_annotations(tmp_path):
     rows = [
-        {"passage_id": "p1", "text": "Ada Lovelace met Charles Babbage in London.", "status": "ok",
-         "entities": [{"text": "London", "type": "city"}, {"text": "Charles Babbage", "type": "person"},
-                      {"text": "Ada Lovelace", "type": "person"}, {"text": "Ada Lovelace", "type": "person"}]},
-        {"passage_id": "p2", "text": "The Analytical Engine.", "status": "ok",
-         "entities": [{"text": "Analytical Engine", "type": "machine"}]},
+        {
+            "passage_id": "p1",
+            "text": "Ada Lovelace met Charles Babbage in London.",
+            "status": "ok",
+            "entities": [
+                {"text": "London", "type": "city"},
+                {"text": "Charles Babbage", "type": "person"},
+                {"text": "Ada Lovelace", "type": "person"},
+                {"text": "Ada Lovelace", "type": "person"},
+            ],
+        },
+        {
+            "passage_id": "p2",
+            "text": "The Analytical Engine.",
+            "status": "ok",
+            "entities": [{"text": "Analytical Engine", "type": "machine"}],
+        },
     ]
     records, summary = _build(tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=1)
     # p1 lacks only `machine`, so its one negative is forced.
@@ -71,14 +89,24 @@ def test_exact_conversation_from_annotations(tmp_path):
 
 def test_bad_annotations_are_counted_not_silently_lost(tmp_path):
     rows = [
-        {"passage_id": "ok", "text": "Paris is big.", "status": "ok",
-         "entities": [{"text": "Paris", "type": "city"}, {"text": "Rome", "type": "city"}, {"text": " ", "type": "city"}]},
+        {
+            "passage_id": "ok",
+            "text": "Paris is big.",
+            "status": "ok",
+            "entities": [
+                {"text": "Paris", "type": "city"},
+                {"text": "Rome", "type": "city"},
+                {"text": " ", "type": "city"},
+            ],
+        },
         {"passage_id": "bad", "text": "x", "status": "malformed", "entities": []},
         {"passage_id": "err", "text": "y", "status": "error", "entities": None},
         {"passage_id": "empty", "text": "z", "status": "ok", "entities": []},
     ]
     records, summary = _build(tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=0)
-    assert [r["id"] for r in records] == ["ok"] and _qa(records[0]) == [("What describes city in the text?", '["Paris"]')]
+    assert [r["id"] for r in records] == ["ok"] and _qa(records[0]) == [
+        ("What describes city in the text?", '["Paris"]')
+    ]
     assert summary["counts"] == {
         "entities dropped: not in the passage": 1,
         "entities dropped: empty text or type": 1,
@@ -101,7 +129,9 @@ def test_negatives_follow_type_frequency():
 
 
 def test_type_variants_merge_into_the_most_frequent_form():
-    merges = type_variant_merges(Counter({"person": 10, "Person": 3, "persons": 1, "company": 5, "companies": 2, "class": 4}))
+    merges = type_variant_merges(
+        Counter({"person": 10, "Person": 3, "persons": 1, "company": 5, "companies": 2, "class": 4})
+    )
     assert merges == {"Person": "person", "persons": "person", "companies": "company"}
     stats = type_statistics(Counter({"person": 10, "city": 5, "x": 1}))
     assert stats["entities"] == 16 and stats["types_seen_once"] == 1
@@ -111,10 +141,17 @@ def test_type_variants_merge_into_the_most_frequent_form():
 
 
 def test_merged_variants_are_reported(tmp_path):
-    rows = [{"passage_id": "p", "text": "Ada and Bob.", "status": "ok",
-             "entities": [{"text": "Ada", "type": "person"}, {"text": "Bob", "type": "Persons"}]}]
-    records, summary = _build(tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=0,
-                              merge_type_variants=True)
+    rows = [
+        {
+            "passage_id": "p",
+            "text": "Ada and Bob.",
+            "status": "ok",
+            "entities": [{"text": "Ada", "type": "person"}, {"text": "Bob", "type": "Persons"}],
+        }
+    ]
+    records, summary = _build(
+        tmp_path, input=str(_annotations(tmp_path, rows)), negatives_per_passage=0, merge_type_variants=True
+    )
     assert _qa(records[0]) == [("What describes person in the text?", '["Ada", "Bob"]')]
     assert summary["statistics"]["type_merges"] == {"Persons": "person"}
 
@@ -135,7 +172,9 @@ def test_several_inputs_are_concatenated(tmp_path, shared_data):
     records = json.loads((tmp_path / "out" / "conversations.json").read_text())
     assert records[:-1] == json.loads(source.read_text())
     assert records[-1]["conversations"][0]["value"] == "Dataset: mine\nText: Ada" and records[-1]["dataset"] == "mine"
-    assert [r["input_kind"] for r in summary["inputs"]] == ["conversations", "bio"] and summary["files"] == {"conversations.json": 883}
+    assert [r["input_kind"] for r in summary["inputs"]] == ["conversations", "bio"] and summary["files"] == {
+        "conversations.json": 883
+    }
 
 
 def test_input_shares_keep_a_seeded_sample_of_each_input_in_order(tmp_path, shared_data):
@@ -144,8 +183,12 @@ def test_input_shares_keep_a_seeded_sample_of_each_input_in_order(tmp_path, shar
     bio_file.write_text("".join(f"W{i}\tB-person\n\n" for i in range(40)))
 
     def built(shares, seed=0):
-        config = BuildDataConfig(input=[str(source), str(bio_file)], output=str(tmp_path / f"out-{shares}-{seed}"),
-                                 input_shares=shares, seed=seed)
+        config = BuildDataConfig(
+            input=[str(source), str(bio_file)],
+            output=str(tmp_path / f"out-{shares}-{seed}"),
+            input_shares=shares,
+            seed=seed,
+        )
         config.check()
         summary = run(config)
         return json.loads((tmp_path / f"out-{shares}-{seed}" / "conversations.json").read_text()), summary
@@ -162,16 +205,24 @@ def test_input_shares_keep_a_seeded_sample_of_each_input_in_order(tmp_path, shar
 
 
 def test_conversation_files_are_validated(tmp_path):
-    good = {"id": "a", "conversations": [{"from": "human", "value": "Text: Paris."}, ACK,
-                                         {"from": "human", "value": "What describes city in the text?"},
-                                         {"from": "gpt", "value": '["Paris"]'}]}
+    good = {
+        "id": "a",
+        "conversations": [
+            {"from": "human", "value": "Text: Paris."},
+            ACK,
+            {"from": "human", "value": "What describes city in the text?"},
+            {"from": "gpt", "value": '["Paris"]'},
+        ],
+    }
     unanswered = {"id": "b", "conversations": good["conversations"][:3]}
     source = tmp_path / "train.json"
     source.write_text(json.dumps([good, unanswered]))
     records, summary = _build(tmp_path, input=str(source))
     assert records == [good]
-    assert summary["counts"] == {"repairs: unanswered last question dropped": 1,
-                                 "records skipped: no question with an answer": 1}
+    assert summary["counts"] == {
+        "repairs: unanswered last question dropped": 1,
+        "records skipped: no question with an answer": 1,
+    }
     bad_answer = {"id": "c", "conversations": good["conversations"][:3] + [{"from": "gpt", "value": "Paris"}]}
     source.write_text(json.dumps([good, bad_answer]))
     with pytest.raises(UserError, match=r"record 2 \(id c\): answer in turn 3 is not a JSON list"):
@@ -187,10 +238,12 @@ def test_crossner_sentence_to_conversation(tmp_path, shared_data):
     first = data.sentences[0]
     assert first.text.startswith("Here , accuracy is measured by error rate")
     assert [(e.text, e.type) for e in first.entities][:2] == [("accuracy", "metrics"), ("error rate", "metrics")]
-    assert all(s.text[e.start:e.end] == e.text for s in data.sentences for e in s.entities)
+    assert all(s.text[e.start : e.end] == e.text for s in data.sentences for e in s.entities)
     assert "program language" in data.types and "organization" in data.types and "misc" not in data.types
 
-    records, summary = _build(tmp_path, input=str(shared_data / "crossner" / "ai" / "dev.txt"), dataset_name="CrossNER_AI")
+    records, summary = _build(
+        tmp_path, input=str(shared_data / "crossner" / "ai" / "dev.txt"), dataset_name="CrossNER_AI"
+    )
     assert records[0]["dataset"] == "CrossNER_AI"
     assert records[0]["conversations"][0]["value"] == "Dataset: CrossNER_AI\nText: " + first.text
     answers = dict(_qa(records[0]))
@@ -230,7 +283,10 @@ def test_bio_repairs_and_errors_name_file_and_line(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="uniner.bio"):
         data = bio.read_bio(str(source))
     assert f"{source}: 1 x I- tag starting an entity (read as B-)" in caplog.text  # said as it is read
-    assert [(e.text, e.type) for e in data.sentences[0].entities] == [("New York", "location"), ("Google", "organization")]
+    assert [(e.text, e.type) for e in data.sentences[0].entities] == [
+        ("New York", "location"),
+        ("Google", "organization"),
+    ]
     assert data.repairs == Counter({"I- tag starting an entity (read as B-)": 1})
     source.write_text("a\tO\nb\tO\textra\n")
     with pytest.raises(UserError, match=rf"^{source}:2: expected 2 tab-separated columns"):
@@ -254,15 +310,78 @@ def test_label_map_file_overrides_builtin_names(tmp_path):
 def test_cli_builds_from_s3_and_reports(tmp_path, s3_endpoint, s3_bucket):
     import boto3
 
-    rows = [{"passage_id": "p", "text": "Ada met Bob.", "status": "ok",
-             "entities": [{"text": "Ada", "type": "person"}, {"text": "Bob", "type": "person"}]}]
+    rows = [
+        {
+            "passage_id": "p",
+            "text": "Ada met Bob.",
+            "status": "ok",
+            "entities": [{"text": "Ada", "type": "person"}, {"text": "Bob", "type": "person"}],
+        }
+    ]
     local = _annotations(tmp_path, rows)
-    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(local / "part-0.parquet"), s3_bucket[5:], "ann/part-0.parquet")
-    result = run_cli("build-data", "--input", f"{s3_bucket}/ann", "--output", f"{s3_bucket}/conv",
-                     "--s3-endpoint-url", s3_endpoint)
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(
+        str(local / "part-0.parquet"), s3_bucket[5:], "ann/part-0.parquet"
+    )
+    result = run_cli(
+        "build-data", "--input", f"{s3_bucket}/ann", "--output", f"{s3_bucket}/conv", "--s3-endpoint-url", s3_endpoint
+    )
     assert result.returncode == 0, result.stderr
     assert "1 records" in result.stdout and "person (2)" in result.stdout
     body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=s3_bucket[5:], Key="conv/conversations.json")
     assert json.loads(body["Body"].read())[0]["id"] == "p"
     bad = run_cli("build-data", "--input", str(tmp_path / "none.json"), "--output", str(tmp_path / "o"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_type_forms_and_lower_case_records_are_seeded_and_keep_answers(tmp_path):
+    record = {
+        "id": "r1",
+        "conversations": [
+            {"from": "human", "value": "Text: Ada Lovelace met Charles Babbage in London."},
+            ACK,
+            {"from": "human", "value": "What describes person in the text?"},
+            {"from": "gpt", "value": '["Ada Lovelace"]'},
+            {"from": "human", "value": "What describes programming language in the text?"},
+            {"from": "gpt", "value": "[]"},
+        ],
+    }
+    forms = set()
+    for seed in range(40):
+        varied = vary_forms(record, type_forms=True, lowercase_share=0.5, seed=seed)
+        assert varied == vary_forms(record, type_forms=True, lowercase_share=0.5, seed=seed)
+        (person, answer), (language, empty) = _qa(varied)
+        lower = varied["conversations"][0]["value"] == "Text: ada lovelace met charles babbage in london."
+        assert answer == ('["ada lovelace"]' if lower else '["Ada Lovelace"]') and empty == "[]"
+        forms.add(language.removeprefix("What describes ").removesuffix(" in the text?"))
+    assert forms == {
+        "programming language",
+        "Programming language",
+        "Programming Language",
+        "PROGRAMMING LANGUAGE",
+        "programming_language",
+    }
+    assert vary_forms(record, type_forms=False, lowercase_share=0.0, seed=0) == record
+
+
+def test_the_demo_evaluation_passages_stay_out_of_the_student_recipe(tmp_path, shared_data, monkeypatch):
+    """jobs/cpu-student.yaml trains the built-in student; jobs/local.yaml evaluates on the held-out passages and
+    annotates a corpus of other recorded passages: the three sets of passages are disjoint."""
+    from uniner.conversations import text_of
+    from uniner.corpus import write_recorded_corpus
+    from uniner.pipeline import resolve
+    from uniner.recorded import heldout_texts
+
+    heldout = heldout_texts()
+    assert len(heldout) == 40
+    monkeypatch.chdir(REPOSITORY)
+    raw = yaml.safe_load((REPOSITORY / "jobs" / "cpu-student.yaml").read_text())
+    raw["build-data"]["output"] = str(tmp_path / "student-data")
+    _, configs = resolve(raw, "in jobs/cpu-student.yaml")
+    summary = run(configs["build-data"])
+    trained = {text_of(r) for r in json.loads((tmp_path / "student-data" / "conversations.json").read_text())}
+    assert summary["inputs"][0]["counts"]["records held out by --holdout"] == 40
+    assert len(trained) > 2000 and not trained & heldout
+    corpus = tmp_path / "corpus"
+    write_recorded_corpus(str(corpus), documents=260)
+    demo = {json.loads(line)["text"] for line in (corpus / "part-000.jsonl").read_text().splitlines()}
+    assert len(demo) == 260 and not demo & heldout

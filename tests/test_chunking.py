@@ -19,7 +19,11 @@ def chunker(tokenizer):
     return Chunker(tokenizer, 32)
 
 
-@pytest.mark.parametrize("text", [UNICODE_TEXT, document(random.Random(1)) * 5, "x" * 3000, "a\n" * 2000, "   \n\n  padded  \n"], ids=["unicode", "news", "one-long-word", "short-lines", "padded"])
+@pytest.mark.parametrize(
+    "text",
+    [UNICODE_TEXT, document(random.Random(1)) * 5, "x" * 3000, "a\n" * 2000, "   \n\n  padded  \n"],
+    ids=["unicode", "news", "one-long-word", "short-lines", "padded"],
+)
 def test_offsets_and_token_bound(chunker, text):
     spans = chunker.spans(text)
     assert spans

@@ -4,16 +4,15 @@ import dataclasses
 import json
 
 import pytest
-
 from conftest import run_cli
-from uniner.config import STAGE_CONFIGS
 
-STAGES = ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
+from uniner.config import STAGES
 
 
 def test_help_lists_the_seven_subcommands():
     result = run_cli("--help")
     assert result.returncode == 0
+    assert list(STAGES) == ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
     for name in [*STAGES, "pipeline"]:
         assert f"\n    {name}" in result.stdout
 
@@ -22,7 +21,7 @@ def test_help_lists_the_seven_subcommands():
 def test_stage_help_documents_every_setting(stage):
     result = run_cli(stage, "--help")
     assert result.returncode == 0
-    for spec in dataclasses.fields(STAGE_CONFIGS[stage]):
+    for spec in dataclasses.fields(STAGES[stage].config):
         assert "--" + spec.name.replace("_", "-") in result.stdout
     assert "--dry-run" in result.stdout and "--config" in result.stdout
 
@@ -78,13 +77,21 @@ def test_unreadable_config_file(tmp_path):
 
 def test_model_spec_that_cannot_be_resolved(tmp_path):
     (tmp_path / "d.txt").write_text("Hello there, Paris.")
-    result = run_cli("passages", "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "o"), "--tokenizer", "not a model!")
+    result = run_cli(
+        "passages", "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "o"), "--tokenizer", "not a model!"
+    )
     _assert_one_line_error(result, "model 'not a model!' is not a local folder")
 
 
 def test_unreachable_storage(tmp_path):
     result = run_cli(
-        "passages", "--input", "s3://bucket/docs/", "--output", str(tmp_path / "o"), "--s3-endpoint-url", "http://127.0.0.1:9",
+        "passages",
+        "--input",
+        "s3://bucket/docs/",
+        "--output",
+        str(tmp_path / "o"),
+        "--s3-endpoint-url",
+        "http://127.0.0.1:9",
         env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
     )
     _assert_one_line_error(result, "s3://bucket/docs", "cannot be reached", "endpoint")
@@ -104,7 +111,9 @@ def test_pipeline_set_override_reaches_the_stage(tmp_path):
     assert f"input: {tmp_path / 'w' / 'corpus'}" in result.stdout
 
 
-@pytest.mark.parametrize("stage, inside", [("passages", False), ("passages", True), ("extract", False), ("extract", True)])
+@pytest.mark.parametrize(
+    "stage, inside", [("passages", False), ("passages", True), ("extract", False), ("extract", True)]
+)
 def test_an_output_that_meets_an_input_is_refused_before_anything_is_deleted(tmp_path, stage, inside):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -112,16 +121,29 @@ def test_an_output_that_meets_an_input_is_refused_before_anything_is_deleted(tmp
     output = docs / "out" if inside else docs
     extra = ["--types", "person"] if stage == "extract" else []
     result = run_cli(stage, "--input", str(docs), "--output", str(output), "--overwrite", *extra)
-    _assert_one_line_error(result, f"--output {output} {'lies inside' if inside else 'is'} the --input {docs}",
-                           "choose an output folder apart from the inputs")
+    _assert_one_line_error(
+        result,
+        f"--output {output} {'lies inside' if inside else 'is'} the --input {docs}",
+        "choose an output folder apart from the inputs",
+    )
     assert (docs / "a.jsonl").read_text().startswith('{"text"')
 
 
-@pytest.mark.parametrize("output, source, relation", [
-    ("d", "d", "is"), ("d", "d/x.jsonl", "contains"), ("d/out", "d", "lies inside"), ("out", "d", ""),
-    ("d", "d/*.jsonl", "contains"), ("d/out", "d/*.jsonl", ""), ("d/out", "d/*", "lies inside"),
-    ("s3://b/x", "s3://b/x/", "is"), ("s3://b/x", "s3://b/xy", ""), ("s3://b", "s3://b/x/*.gz", "contains"),
-])
+@pytest.mark.parametrize(
+    "output, source, relation",
+    [
+        ("d", "d", "is"),
+        ("d", "d/x.jsonl", "contains"),
+        ("d/out", "d", "lies inside"),
+        ("out", "d", ""),
+        ("d", "d/*.jsonl", "contains"),
+        ("d/out", "d/*.jsonl", ""),
+        ("d/out", "d/*", "lies inside"),
+        ("s3://b/x", "s3://b/x/", "is"),
+        ("s3://b/x", "s3://b/xy", ""),
+        ("s3://b", "s3://b/x/*.gz", "contains"),
+    ],
+)
 def test_output_and_input_overlap(output, source, relation):
     from uniner.storage import overlap
 
@@ -138,10 +160,14 @@ def test_a_pipeline_stage_whose_output_meets_its_input_is_refused(tmp_path):
 def test_a_set_mistake_is_blamed_on_the_set_and_yaml_lists_are_read(tmp_path):
     config = tmp_path / "p.yaml"
     config.write_text(f"workdir: {tmp_path / 'w'}\nsample_corpus_docs: 5\nstages: [passages]\n")
-    _assert_one_line_error(run_cli("pipeline", str(config), "--set", "passages.max_tokens=abc", "--dry-run"),
-                           "setting 'max_tokens' in --set passages.max_tokens=abc: expected an integer")
-    _assert_one_line_error(run_cli("pipeline", str(config), "--set", "passages.max_tokenz=9", "--dry-run"),
-                           "--set passages.max_tokenz=9: unknown setting 'max_tokenz' for stage passages")
+    _assert_one_line_error(
+        run_cli("pipeline", str(config), "--set", "passages.max_tokens=abc", "--dry-run"),
+        "setting 'max_tokens' in --set passages.max_tokens=abc: expected an integer",
+    )
+    _assert_one_line_error(
+        run_cli("pipeline", str(config), "--set", "passages.max_tokenz=9", "--dry-run"),
+        "--set passages.max_tokenz=9: unknown setting 'max_tokenz' for stage passages",
+    )
     result = run_cli("pipeline", str(config), "--set", "stages=[passages, annotate]", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "stages:\n- passages\n- annotate\n" in result.stdout
@@ -152,7 +178,9 @@ def test_options_are_spelt_out_and_switches_take_true_or_false(tmp_path):
     docs.mkdir()
     (docs / "a.txt").write_text("Bonjour.")
     base = ["passages", "--input", str(docs), "--output", str(tmp_path / "o"), "--dry-run"]
-    _assert_one_line_error(run_cli(*base, "--max-token", "9"), "has no option '--max-token'", "did you mean --max-tokens?")
+    _assert_one_line_error(
+        run_cli(*base, "--max-token", "9"), "has no option '--max-token'", "did you mean --max-tokens?"
+    )
     for switch, value in ((["--dedup", "false"], "false"), (["--no-dedup"], "false"), (["--dedup"], "true")):
         result = run_cli(*base, *switch)
         assert result.returncode == 0 and f"dedup: {value}" in result.stdout, result.stderr
@@ -165,8 +193,12 @@ def test_a_folder_without_documents_is_one_line(tmp_path):
     docs.mkdir()
     (docs / "notes.md").write_text("# Notes")
     (docs / "table.csv").write_text("a,b\n")
-    _assert_one_line_error(run_cli("passages", "--input", str(docs), "--output", str(tmp_path / "o")),
-                           "none of the 2 files", "found .csv, .md", "--input-format txt")
+    _assert_one_line_error(
+        run_cli("passages", "--input", str(docs), "--output", str(tmp_path / "o")),
+        "none of the 2 files",
+        "found .csv, .md",
+        "--input-format txt",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -176,7 +208,9 @@ def test_every_row_of_the_bad_input_table_names_a_test_that_exists():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    rows = [line for line in (root / "docs" / "errors.md").read_text().splitlines() if line.startswith("| ") and "`" in line]
+    rows = [
+        line for line in (root / "docs" / "errors.md").read_text().splitlines() if line.startswith("| ") and "`" in line
+    ]
     named = 0
     for row in rows:
         test_file = None

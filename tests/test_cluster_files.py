@@ -17,8 +17,15 @@ def test_cluster_yaml_passes_rays_own_schema():
     validate_config(prepare_config(config))  # Ray's launcher schema; raises on any unknown or missing field
     nodes = config["available_node_types"]
     assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
-    assert {"cpu_pool", "gpu_pool"} <= set(nodes) and all(nodes[n]["min_workers"] == 0 for n in ("cpu_pool", "gpu_pool"))
-    assert nodes["gpu_pool"]["node_config"]["InstanceType"] in {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "g5.48xlarge"}
+    assert {"cpu_pool", "gpu_pool"} <= set(nodes) and all(
+        nodes[n]["min_workers"] == 0 for n in ("cpu_pool", "gpu_pool")
+    )
+    assert nodes["gpu_pool"]["node_config"]["InstanceType"] in {
+        "p4d.24xlarge",
+        "p4de.24xlarge",
+        "p5.48xlarge",
+        "g5.48xlarge",
+    }
     assert any("install.sh --gpu --cluster" in c for c in nodes["gpu_pool"]["worker_setup_commands"])
     assert config["file_mounts"] == {"~/uniner": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
 
@@ -53,7 +60,10 @@ def test_rayjob_matches_the_cluster_shape():
     assert set(groups) == {"cpu-pool", "gpu-pool"}
     for group in groups.values():
         assert group["minReplicas"] == 0 < group["maxReplicas"]
-        assert group["template"]["spec"]["containers"][0]["image"] == cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        assert (
+            group["template"]["spec"]["containers"][0]["image"]
+            == cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        )
     assert groups["gpu-pool"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
@@ -62,8 +72,8 @@ PIPELINE_FILES = sorted(p for p in (ROOT / "jobs").glob("*.yaml") if "stages" in
 
 @pytest.mark.parametrize("path", PIPELINE_FILES, ids=lambda p: p.name)
 def test_pipeline_files_resolve(path):
-    from uniner.pipeline import resolve
     from uniner.config import read_yaml
+    from uniner.pipeline import resolve
 
     _, configs = resolve(read_yaml(str(path)), f"in {path.name}")
     assert configs

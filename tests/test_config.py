@@ -2,7 +2,7 @@
 
 import pytest
 
-from uniner.config import STAGE_CONFIGS, PassagesConfig, PipelineConfig, load_config
+from uniner.config import STAGES, PassagesConfig, PipelineConfig, load_config
 from uniner.errors import UserError
 
 
@@ -15,7 +15,7 @@ def write(tmp_path, text):
 def test_every_field_of_every_config_has_help_and_default():
     import dataclasses
 
-    for cls in [*STAGE_CONFIGS.values(), PipelineConfig]:
+    for cls in [*(s.config for s in STAGES.values()), PipelineConfig]:
         for spec in dataclasses.fields(cls):
             assert spec.metadata.get("help"), f"{cls.__name__}.{spec.name} has no help"
             assert spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING

@@ -52,7 +52,10 @@ def test_txt_is_one_document_per_file(tmp_path, suffix, compress):
 def test_bad_jsonl_lines_become_rejects_and_the_rest_is_read(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(
-        jsonl([{"text": "good one"}]) + b'{"text": "bad \xff byte"}\n' + b"{not json\n" + jsonl([{"title": "no text"}, {"text": "  "}, {"text": 5}, ["a"], {"text": "good two"}])
+        jsonl([{"text": "good one"}])
+        + b'{"text": "bad \xff byte"}\n'
+        + b"{not json\n"
+        + jsonl([{"title": "no text"}, {"text": "  "}, {"text": 5}, ["a"], {"text": "good two"}])
     )
     items = read(path)
     assert [i.text for i in items if isinstance(i, Document)] == ["good one", "good two"]

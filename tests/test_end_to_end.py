@@ -9,8 +9,8 @@ import boto3
 import pyarrow.dataset as pads
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from uniner import storage
 from uniner.corpus import write_sample_corpus
 
@@ -21,28 +21,49 @@ STAGES = ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
 def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
     bucket = s3_bucket.removeprefix("s3://")
     client = boto3.client("s3", endpoint_url=s3_endpoint)
-    client.put_object(Bucket=bucket, Key="eval/news/dev.txt",
-                      Body=b"Maria\tB-person\nKeller\tI-person\nflew\tO\nto\tO\nBerlin\tB-location\n.\tO\n")
+    client.put_object(
+        Bucket=bucket,
+        Key="eval/news/dev.txt",
+        Body=b"Maria\tB-person\nKeller\tI-person\nflew\tO\nto\tO\nBerlin\tB-location\n.\tO\n",
+    )
     # The stand-in teacher (a 135M model) rarely answers in the teacher format, so a tiny labelled seed set goes
     # into build-data beside its annotations: training always has something to learn from.
-    seed = [{"id": f"seed-{i}", "conversations": [
-        {"from": "human", "value": f"Text: {person} opened an office in {city}."}, {"from": "gpt", "value": "I've read this text."},
-        {"from": "human", "value": "What describes person in the text?"}, {"from": "gpt", "value": json.dumps([person])},
-        {"from": "human", "value": "What describes location in the text?"}, {"from": "gpt", "value": json.dumps([city])}]}
-        for i, (person, city) in enumerate([("Maria Keller", "Berlin"), ("Chen Wei", "Osaka")])]
+    seed = [
+        {
+            "id": f"seed-{i}",
+            "conversations": [
+                {"from": "human", "value": f"Text: {person} opened an office in {city}."},
+                {"from": "gpt", "value": "I've read this text."},
+                {"from": "human", "value": "What describes person in the text?"},
+                {"from": "gpt", "value": json.dumps([person])},
+                {"from": "human", "value": "What describes location in the text?"},
+                {"from": "gpt", "value": json.dumps([city])},
+            ],
+        }
+        for i, (person, city) in enumerate([("Maria Keller", "Berlin"), ("Chen Wei", "Osaka")])
+    ]
     client.put_object(Bucket=bucket, Key="seed/train.json", Body=json.dumps(seed).encode())
     lake = f"{s3_bucket}/lake"
     write_sample_corpus(lake, documents=12, files=2, s3_endpoint_url=s3_endpoint)
     workdir = str(tmp_path / "run")
     config = {
-        "workdir": workdir, "s3_endpoint_url": s3_endpoint,
-        "stand_in_teacher": "smollm2-135m-instruct", "stages": STAGES,
+        "workdir": workdir,
+        "s3_endpoint_url": s3_endpoint,
+        "stand_in_teacher": "smollm2-135m-instruct",
+        "stages": STAGES,
         "passages": {"input": lake, "sample_size": 12},
         "annotate": {"max_tokens": 128, "num_actors": 1, "cache": "off"},
-        "build-data": {"input": [f"{workdir}/annotate", f"{s3_bucket}/seed/train.json"], "drop_entities_not_in_text": False},
+        "build-data": {
+            "input": [f"{workdir}/annotate", f"{s3_bucket}/seed/train.json"],
+            "drop_entities_not_in_text": False,
+        },
         "train": {"max_steps": 2, "batch_size": 2, "max_length": 384, "cpus_per_worker": 1},
         "extract": {"types": ["person", "location"], "max_new_tokens": 24},
-        "evaluate": {"data": [f"{s3_bucket}/eval/news/dev.txt"], "max_new_tokens": 24},
+        "evaluate": {
+            "data": [f"{s3_bucket}/eval/news/dev.txt"],
+            "max_new_tokens": 24,
+            "baseline": "smollm2-135m-instruct",
+        },
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -54,11 +75,21 @@ def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
 
     location = storage.locate(workdir, s3_endpoint_url=s3_endpoint)
     annotations = pads.dataset(location.join("annotate").path, filesystem=location.fs, format="parquet").to_table()
-    assert annotations.num_rows == 12 and set(annotations["teacher_model"].to_pylist()) == {"STAND-IN-TEACHER:smollm2-135m-instruct"}
+    assert annotations.num_rows == 12 and set(annotations["teacher_model"].to_pylist()) == {
+        "STAND-IN-TEACHER:smollm2-135m-instruct"
+    }
     extractions = pads.dataset(location.join("extract").path, filesystem=location.fs, format="parquet").to_table()
-    assert sorted(extractions["doc_id"].to_pylist()) == sorted(set(extractions["doc_id"].to_pylist())) and extractions.num_rows == 12
+    assert (
+        sorted(extractions["doc_id"].to_pylist()) == sorted(set(extractions["doc_id"].to_pylist()))
+        and extractions.num_rows == 12
+    )
     report = json.loads(storage.read_text(location.join("evaluate", "report.json")))
     assert set(report["datasets"]) == {"news-dev"} and report["datasets"]["news-dev"]["n_queries"] == 2
+    assert set(report["baseline"]["f1"]) == {"news-dev"} and report["baseline"]["subject"] == "smollm2-135m-instruct"
+    assert "for the baseline smollm2-135m-instruct ->" in result.stdout
+    # The terminal shows uniner's own lines: Ray's and vLLM's went to the files the last line names.
+    assert "core_worker" not in result.stderr and "INFO streaming_executor" not in result.stderr
+    assert "Ray's logs:" in result.stdout.splitlines()[-1]
 
     # Everything finished, so a rerun skips every stage.
     again = run_cli("pipeline", str(path), timeout=600)

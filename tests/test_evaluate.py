@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from uniner.config import EvaluateConfig
 from uniner.errors import UserError
 from uniner.evaluate import Query, normalize, official_items, reference_domain, run, score_dataset
@@ -51,8 +51,14 @@ def test_official_parser(text, items):
 
 
 def _query(gold, qid="q", entity_type="city", text="x", spans=None):
-    turns = [("human", f"Text: {text}"), ("gpt", "I've read this text."), ("human", f"What describes {entity_type} in the text?")]
-    return Query(dataset="d", id=qid, prompt_turns=turns, entity_type=entity_type, text=text, gold=gold, gold_spans=spans)
+    turns = [
+        ("human", f"Text: {text}"),
+        ("gpt", "I've read this text."),
+        ("human", f"What describes {entity_type} in the text?"),
+    ]
+    return Query(
+        dataset="d", id=qid, prompt_turns=turns, entity_type=entity_type, text=text, gold=gold, gold_spans=spans
+    )
 
 
 def test_micro_scores_match_the_official_arithmetic():
@@ -90,8 +96,9 @@ def test_lenient_and_span_scores_are_ours_and_apart():
 
 
 def test_reference_domains():
-    assert [reference_domain(n) for n in ("CrossNER_AI", "ai-dev", "mit-movie", "restaurant-train", "conll2003-test")] == [
-        "ai", "ai", "movie", "restaurant", None]
+    assert [
+        reference_domain(n) for n in ("CrossNER_AI", "ai-dev", "mit-movie", "restaurant-train", "conll2003-test")
+    ] == ["ai", "ai", "movie", "restaurant", None]
 
 
 @pytest.fixture
@@ -99,23 +106,35 @@ def eval_files(tmp_path):
     """Two tiny evaluation files: one BIO, one in the UniNER evaluation JSON shape."""
     (tmp_path / "music").mkdir()
     (tmp_path / "music" / "dev.txt").write_text("Queen\tB-band\nplayed\tO\nrock\tB-musicgenre\n\nHello\tO\n")
-    record = {"id": "7", "conversations": [
-        {"from": "human", "value": "Text: Ada met Bob in Paris."}, {"from": "gpt", "value": "I've read this text."},
-        {"from": "human", "value": "What describes person in the text?"}, {"from": "gpt", "value": '["Ada", "Bob"]'}]}
+    record = {
+        "id": "7",
+        "conversations": [
+            {"from": "human", "value": "Text: Ada met Bob in Paris."},
+            {"from": "gpt", "value": "I've read this text."},
+            {"from": "human", "value": "What describes person in the text?"},
+            {"from": "gpt", "value": '["Ada", "Bob"]'},
+        ],
+    }
     (tmp_path / "people.json").write_text(json.dumps([record]))
     return [str(tmp_path / "music" / "dev.txt"), str(tmp_path / "people.json")]
 
 
 def test_report_files_from_predictions(tmp_path, eval_files):
     predictions = tmp_path / "p.jsonl"
-    predictions.write_text("\n".join(json.dumps(p) for p in [
-        {"id": "music-dev-0-0", "output": '["Queen"]'},
-        {"id": "music-dev-0-1", "output": '["pop"]'},
-        {"id": "music-dev-1-0", "output": "[]"},
-        {"id": "music-dev-1-1", "output": "[]"},
-        {"id": "7", "output": '["Ada"]'},
-        {"id": "nope", "output": "[]"},
-    ]) + "\n")
+    predictions.write_text(
+        "\n".join(
+            json.dumps(p)
+            for p in [
+                {"id": "music-dev-0-0", "output": '["Queen"]'},
+                {"id": "music-dev-0-1", "output": '["pop"]'},
+                {"id": "music-dev-1-0", "output": "[]"},
+                {"id": "music-dev-1-1", "output": "[]"},
+                {"id": "7", "output": '["Ada"]'},
+                {"id": "nope", "output": "[]"},
+            ]
+        )
+        + "\n"
+    )
     config = EvaluateConfig(data=eval_files, predictions=str(predictions), output=str(tmp_path / "r"))
     config.check()
     summary = run(config)
@@ -140,27 +159,55 @@ def test_predictions_with_ids_in_several_datasets_need_the_dataset(tmp_path, eva
     with pytest.raises(UserError, match="several datasets"):
         run(config)
     predictions.write_text(json.dumps({"dataset": "other", "id": "7", "output": '["Ada", "Bob"]'}) + "\n")
-    summary = run(EvaluateConfig(data=[eval_files[1], str(other)], predictions=str(predictions),
-                                 output=str(tmp_path / "r"), overwrite=True, allow_missing=True))
-    assert summary["datasets"]["other"]["f1"] == pytest.approx(1.0) and summary["datasets"]["people"]["missing_predictions"] == 1
+    summary = run(
+        EvaluateConfig(
+            data=[eval_files[1], str(other)],
+            predictions=str(predictions),
+            output=str(tmp_path / "r"),
+            overwrite=True,
+            allow_missing=True,
+        )
+    )
+    assert (
+        summary["datasets"]["other"]["f1"] == pytest.approx(1.0)
+        and summary["datasets"]["people"]["missing_predictions"] == 1
+    )
 
 
 def test_cli_errors_are_one_line(tmp_path, eval_files):
     predictions = tmp_path / "p.jsonl"
     predictions.write_text("not json\n")
-    result = run_cli("evaluate", "--data", eval_files[1], "--predictions", str(predictions), "--output", str(tmp_path / "r"))
+    result = run_cli(
+        "evaluate", "--data", eval_files[1], "--predictions", str(predictions), "--output", str(tmp_path / "r")
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "p.jsonl:1" in result.stderr
-    result = run_cli("evaluate", "--data", eval_files[1], "--output", str(tmp_path / "r"))
-    assert result.returncode == 2 and "exactly one of --model" in result.stderr
+    result = run_cli(
+        "evaluate",
+        "--data",
+        eval_files[1],
+        "--predictions",
+        str(predictions),
+        "--model",
+        "m",
+        "--output",
+        str(tmp_path / "r"),
+    )
+    assert result.returncode == 2 and "not both" in result.stderr
 
 
-@pytest.mark.parametrize("lines, problem", [
-    ([{"id": "7", "output": "[]"}], "answer 1 of 5 queries: predict them all"),
-    ([], "answer 0 of 5 queries"),
-    ([{"id": "7", "output": "[]"}, {"id": "7", "output": '["Ada"]'}], r"p.jsonl:2: a second prediction for id '7' of people "
-                                                                      r"\(the first is at .*p.jsonl:1\)"),
-    ([["7", "[]"]], r"p.jsonl:1: expected a JSON object \{"),
-])
+@pytest.mark.parametrize(
+    "lines, problem",
+    [
+        ([{"id": "7", "output": "[]"}], "answer 1 of 5 queries: predict them all"),
+        ([], "answer 0 of 5 queries"),
+        (
+            [{"id": "7", "output": "[]"}, {"id": "7", "output": '["Ada"]'}],
+            r"p.jsonl:2: a second prediction for id '7' of people "
+            r"\(the first is at .*p.jsonl:1\)",
+        ),
+        ([["7", "[]"]], r"p.jsonl:1: expected a JSON object \{"),
+    ],
+)
 def test_predictions_that_leave_queries_out_or_repeat_are_refused(tmp_path, eval_files, lines, problem):
     predictions = tmp_path / "p.jsonl"
     predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -173,8 +220,16 @@ def test_predictions_that_leave_queries_out_or_repeat_are_refused(tmp_path, eval
 def test_allow_missing_scores_what_is_there_and_states_the_coverage(tmp_path, eval_files):
     predictions = tmp_path / "p.jsonl"
     predictions.write_text(json.dumps({"id": "7", "output": '["Ada", "Bob"]'}) + "\n")
-    result = run_cli("evaluate", "--data", ",".join(eval_files), "--predictions", str(predictions),
-                     "--output", str(tmp_path / "r"), "--allow-missing")
+    result = run_cli(
+        "evaluate",
+        "--data",
+        ",".join(eval_files),
+        "--predictions",
+        str(predictions),
+        "--output",
+        str(tmp_path / "r"),
+        "--allow-missing",
+    )
     assert result.returncode == 0, result.stderr
     assert "predictions cover 20.0% of 5 queries; the rest count as empty answers" in result.stdout
     assert json.loads((tmp_path / "r" / "report.json").read_text())["coverage"] == pytest.approx(0.2)

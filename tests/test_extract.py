@@ -1,16 +1,15 @@
 """The extract stage: offsets and merge rules, long documents, exports, the CLI on vLLM and transformers,
-answer_prompts' order, S3, and losing a Ray node mid-run."""
+S3, and losing a Ray node mid-run."""
 
 import json
 import threading
 import time
-import types as pytypes
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-
 from conftest import run_cli
+
 from uniner import extract, spans, storage
 from uniner.config import ExtractConfig
 from uniner.errors import UserError
@@ -38,7 +37,9 @@ def test_case_insensitive_match_keeps_the_document_spelling():
 
 def test_unicode_offsets_are_code_points_and_cjk_has_no_word_boundaries():
     text = "🎉 東京タワーは東京にあります。Zoë Müller-Lüdenscheidt 🎉 C++ (beta)"
-    entities, unmatched = spans.locate(text, [("東京", "location"), ("Zoë Müller-Lüdenscheidt", "person"), ("C++", "language"), ("(beta)", "version")])
+    entities, unmatched = spans.locate(
+        text, [("東京", "location"), ("Zoë Müller-Lüdenscheidt", "person"), ("C++", "language"), ("(beta)", "version")]
+    )
     assert unmatched == []
     assert [e["start"] for e in entities if e["type"] == "location"] == [2, 8]
     for entity in entities:
@@ -64,10 +65,21 @@ def test_merge_drops_duplicates_and_same_type_overlaps_but_keeps_other_types():
     def e(start, end, kind):
         return {"text": "x" * (end - start), "type": kind, "start": start, "end": end}
 
-    merged = spans.merge([e(0, 8, "loc"), e(4, 8, "loc"), e(0, 8, "loc"), e(6, 12, "loc"), e(4, 8, "org"), e(20, 24, "loc"), e(22, 30, "loc")])
+    merged = spans.merge(
+        [
+            e(0, 8, "loc"),
+            e(4, 8, "loc"),
+            e(0, 8, "loc"),
+            e(6, 12, "loc"),
+            e(4, 8, "org"),
+            e(20, 24, "loc"),
+            e(22, 30, "loc"),
+        ]
+    )
     assert [(m["start"], m["end"], m["type"]) for m in merged] == [(0, 8, "loc"), (4, 8, "org"), (22, 30, "loc")]
-    assert spans.merge_unmatched([{"text": "a", "type": "t"}, {"text": "a", "type": "t"}, {"text": "a", "type": "u"}]) == [
-        {"text": "a", "type": "t"}, {"text": "a", "type": "u"}]
+    assert spans.merge_unmatched(
+        [{"text": "a", "type": "t"}, {"text": "a", "type": "t"}, {"text": "a", "type": "u"}]
+    ) == [{"text": "a", "type": "t"}, {"text": "a", "type": "u"}]
 
 
 def test_exports():
@@ -78,19 +90,22 @@ def test_exports():
         {"text": "Pfizer", "type": "organization", "start": 20, "end": 26},
     ]
     conll = spans.to_conll("d1", text, entities)
-    assert conll.splitlines() == ["# id = d1", "New\tB-location", "York\tI-location", "City\tI-location", "hosts\tO", "Pfizer\tB-organization", ".\tO", ""]
+    assert conll.splitlines() == [
+        "# id = d1",
+        "New\tB-location",
+        "York\tI-location",
+        "City\tI-location",
+        "hosts\tO",
+        "Pfizer\tB-organization",
+        ".\tO",
+        "",
+    ]
     assert conll.endswith("\n\n")
     spacy = json.loads(spans.to_spacy("d1", text, entities))
     assert spacy["ents"][0] == {"start": 0, "end": 13, "label": "location"} and spacy["text"] == text
     gliner = json.loads(spans.to_gliner("d1", text, entities))
     assert gliner["tokenized_text"] == ["New", "York", "City", "hosts", "Pfizer", "."]
     assert gliner["ner"] == [[0, 2, "location"], [1, 1, "organization"], [4, 4, "organization"]]
-
-
-def test_template_eos_comes_from_the_tokenizer(tokenizer):
-    assert extract.template_for(pytypes.SimpleNamespace(eos_token="</s>")).eos == "</s>"
-    assert extract.template_for(tokenizer).eos == tokenizer.eos_token == "<|im_end|>"
-    assert extract.template_for(tokenizer).query("Some text.", "person").endswith("in the text? ASSISTANT:")
 
 
 def test_types_from_a_file_and_bad_settings(tmp_path):
@@ -110,14 +125,23 @@ def test_long_document_split_and_merged_back_into_document_offsets(tmp_path, bui
     sentences = [f"Sentence {i} says that Ada Lovelace met Charles Babbage in London." for i in range(60)]
     document = " ".join(sentences) + " Finally Ada Lovelace wrote to Mary Somerville."
     (tmp_path / "doc.txt").write_text(document)
-    config = ExtractConfig(input=str(tmp_path), output=str(tmp_path / "out"), types=["person", "location"], passage_tokens=64)
+    config = ExtractConfig(
+        input=str(tmp_path), output=str(tmp_path / "out"), types=["person", "location"], passage_tokens=64
+    )
     location = storage.locate(str(tmp_path / "doc.txt"))
     batch = {"uri": [location.uri], "path": [location.path], "relative": ["doc.txt"], "index": [0]}
-    rows = pa.concat_tables(extract.file_queries(batch, config=config, model_dir=str(builtin_model_dir), types=["person", "location"], filesystem=location.fs)).to_pylist()
+    rows = pa.concat_tables(
+        extract.file_queries(
+            batch, config=config, model_dir=str(builtin_model_dir), types=["person", "location"], filesystem=location.fs
+        )
+    ).to_pylist()
     queries = [r for r in rows if r["kind"] == "query"]
     assert len({r["char_start"] for r in queries}) > 5  # several passages
     assert all(r["prompt"].endswith(f"What describes {r['type']} in the text? ASSISTANT:") for r in queries)
-    answers = {"person": '["Ada Lovelace", "Charles Babbage", "Mary Somerville", "Alan Turing"]', "location": "Sure: ['London']"}
+    answers = {
+        "person": '["Ada Lovelace", "Charles Babbage", "Mary Somerville", "Alan Turing"]',
+        "location": "Sure: ['London']",
+    }
     for row in queries:
         row["generated"] = " " + answers[row["type"]]
     result = extract.document_row(rows, case_sensitive=True, whole_words=True)
@@ -172,8 +196,19 @@ def cli_run(tmp_path, *options):
     lake = make_lake(tmp_path / "lake")
     out = tmp_path / "out"
     result = run_cli(
-        "extract", "--input", str(lake), "--output", str(out), "--types", "person,location", "--id-field", "id",
-        "--max-new-tokens", "24", *options, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        "extract",
+        "--input",
+        str(lake),
+        "--output",
+        str(out),
+        "--types",
+        "person,location",
+        "--id-field",
+        "id",
+        "--max-new-tokens",
+        "24",
+        *options,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -187,7 +222,9 @@ def vllm_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def transformers_run(tmp_path_factory):
-    return cli_run(tmp_path_factory.mktemp("hf"), "--backend", "transformers", "--output-format", "jsonl", "--batch-size", "4")
+    return cli_run(
+        tmp_path_factory.mktemp("hf"), "--backend", "transformers", "--output-format", "jsonl", "--batch-size", "4"
+    )
 
 
 def test_cli_on_vllm(vllm_run):
@@ -210,39 +247,44 @@ def test_cli_on_transformers(transformers_run):
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    result = run_cli("extract", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--types", "person", "--offsets", "fuzzy")
+    result = run_cli(
+        "extract", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--types", "person", "--offsets", "fuzzy"
+    )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--offsets" in result.stderr
 
 
-# ---- answer_prompts, S3, large documents, node loss (transformers: quick engine starts) ----
+# ---- S3, large documents, node loss (transformers: quick engine starts) ----
 
 
-def test_answer_prompts_keeps_input_order(ray_session, builtin_model_dir):
-    things = ["cats", "the sea", "Paris", "winter", "music", "bread", "the moon", "trains", "coffee", "rain", "chess"]
-    prompts = [f"USER: Write one sentence about {thing}. ASSISTANT:" + " Sure." * (i % 3) for i, thing in enumerate(things)]
-    kwargs = {"model": str(builtin_model_dir), "backend": "transformers", "max_new_tokens": 6}
-    batched = extract.answer_prompts(prompts, batch_size=3, replicas=2, **kwargs)
-    one_by_one = extract.answer_prompts(prompts[::-1], batch_size=1, **kwargs)[::-1]
-    assert len(batched) == len(prompts) and len(set(batched)) > 5
-    assert batched == one_by_one
-    assert extract.answer_prompts([], **kwargs) == []
-
-
-def test_s3_in_and_out_with_an_empty_unicode_and_5mb_document(ray_session, tiny_model_dir, s3_bucket, s3_endpoint, tmp_path):
+def test_s3_in_and_out_with_an_empty_unicode_and_5mb_document(
+    ray_session, tiny_model_dir, s3_bucket, s3_endpoint, tmp_path
+):
     import boto3
 
     big = ("Grace Hopper worked in Arlington. " * 160_000)[: 5 * 1024 * 1024]
     lines = [json.dumps({"id": k, "text": v}, ensure_ascii=False) for k, v in {**LAKE_DOCS, "big": big}.items()]
     bucket = s3_bucket.removeprefix("s3://")
-    boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=bucket, Key="lake/docs.jsonl", Body="\n".join(lines).encode())
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket=bucket, Key="lake/docs.jsonl", Body="\n".join(lines).encode()
+    )
     config = ExtractConfig(
-        input=f"{s3_bucket}/lake", output=f"{s3_bucket}/out", types=["person"], model=str(tiny_model_dir), backend="transformers",
-        id_field="id", max_new_tokens=1, batch_size=256, passage_tokens=448, s3_endpoint_url=s3_endpoint,
+        input=f"{s3_bucket}/lake",
+        output=f"{s3_bucket}/out",
+        types=["person"],
+        model=str(tiny_model_dir),
+        backend="transformers",
+        id_field="id",
+        max_new_tokens=1,
+        batch_size=256,
+        passage_tokens=448,
+        s3_endpoint_url=s3_endpoint,
     )
     summary = extract.run(config)
     assert summary["documents_read"] == 3 and summary["rejected"] == {"empty": 1}
     output = storage.locate(f"{s3_bucket}/out", s3_endpoint_url=s3_endpoint)
-    rows = {r["doc_id"]: r for r in pads.dataset(output.path, filesystem=output.fs, format="parquet").to_table().to_pylist()}
+    rows = {
+        r["doc_id"]: r for r in pads.dataset(output.path, filesystem=output.fs, format="parquet").to_table().to_pylist()
+    }
     assert sorted(rows) == ["big", "empty", "en", "uni"]
     assert rows["big"]["text"] == big and rows["big"]["queries"] > 1000  # split into thousands of passages
     assert rows["uni"]["text"] == LAKE_DOCS["uni"]
@@ -269,18 +311,32 @@ def test_losing_a_worker_node_mid_run_still_writes_every_document_once(tmp_path,
         expected = []
         for f in range(4):
             ids = [f"f{f}-{i}" for i in range(40)]
-            lines = [json.dumps({"id": doc_id, "text": f"Document {doc_id} names Ada Lovelace and Alan Turing in Manchester."}) for doc_id in ids]
+            lines = [
+                json.dumps(
+                    {"id": doc_id, "text": f"Document {doc_id} names Ada Lovelace and Alan Turing in Manchester."}
+                )
+                for doc_id in ids
+            ]
             (lake / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
             expected += ids
         config = ExtractConfig(
-            input=str(lake), output=str(tmp_path / "out"), types=["person", "location", "date"], model=str(tiny_model_dir),
-            backend="transformers", id_field="id", max_new_tokens=32, batch_size=4, replicas=2,
+            input=str(lake),
+            output=str(tmp_path / "out"),
+            types=["person", "location", "date"],
+            model=str(tiny_model_dir),
+            backend="transformers",
+            id_field="id",
+            max_new_tokens=32,
+            batch_size=4,
+            replicas=2,
         )
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(summary=extract.run(config)))
         runner.start()
         deadline = time.time() + 120
-        while ray.available_resources().get("CPU", 0) > 0 and time.time() < deadline:  # until both actors hold their CPU
+        while (
+            ray.available_resources().get("CPU", 0) > 0 and time.time() < deadline
+        ):  # until both actors hold their CPU
             time.sleep(0.5)
         time.sleep(8)  # let them load the model and answer some batches
         assert runner.is_alive(), "the run ended before a node could be removed: give it more work"
@@ -303,11 +359,14 @@ def test_html_page_highlights_entities_by_type_and_shows_in_a_browser(tmp_path):
     import subprocess
 
     text = "Ada Lovelace met <Charles Babbage> in London in 1833."
-    entities = [{"text": "Ada Lovelace", "type": "person", "start": 0, "end": 12},
-                {"text": "Charles Babbage", "type": "person", "start": 18, "end": 33},
-                {"text": "London", "type": "city", "start": 38, "end": 44}]
-    page = spans.html_page([("doc-1", text, entities)], counts={"person": 5, "city": 2}, total_documents=4,
-                           title="people & places")
+    entities = [
+        {"text": "Ada Lovelace", "type": "person", "start": 0, "end": 12},
+        {"text": "Charles Babbage", "type": "person", "start": 18, "end": 33},
+        {"text": "London", "type": "city", "start": 38, "end": 44},
+    ]
+    page = spans.html_page(
+        [("doc-1", text, entities)], counts={"person": 5, "city": 2}, total_documents=4, title="people & places"
+    )
     assert "&lt;<mark" in page and "Charles Babbage<span>person</span></mark>&gt;" in page
     assert "7 entities in 4 documents (1 shown)" in page and "people &amp; places" in page
     assert page.index(">person</mark> 5") < page.index(">city</mark> 2")  # the legend, most frequent first
@@ -318,12 +377,27 @@ def test_html_page_highlights_entities_by_type_and_shows_in_a_browser(tmp_path):
     if chromium is None:
         pytest.skip("chromium not installed (apt-get install chromium): the screenshot check is skipped")
     shot = tmp_path / "page.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                    "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=900,500", path.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-sync",
+            "--disable-background-networking",
+            "--disable-component-update",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=900,500",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     from matplotlib.image import imread
 
     pixels = (imread(shot)[:, :, :3] * 255).round().astype(int).reshape(-1, 3)
     for colour in spans.PALETTE[:2]:  # person's and city's highlight colours are on screen
-        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
         assert ((abs(pixels - rgb).sum(axis=1)) <= 6).sum() > 200, colour

@@ -1,4 +1,4 @@
-"""The exact UniNER strings (DESIGN.md section 2)."""
+"""The exact UniNER strings (docs/design.md section 2)."""
 
 import pytest
 
@@ -12,7 +12,8 @@ def test_teacher_prompt_type_variant_is_exact():
         {
             "role": "user",
             "content": "Given a passage, your task is to extract all entities and identify their entity types. "
-            'The output should be in a list of tuples of the following format: [("entity 1", "type of entity 1"), ... ].'
+            "The output should be in a list of tuples of the following format: "
+            '[("entity 1", "type of entity 1"), ... ].'
             "\n\nPassage: Paris is in France.",
         },
     ]
@@ -43,11 +44,17 @@ def test_query_template_matches_the_official_string():
 
 
 def test_full_conversation_ends_each_answer_with_eos():
-    turns = [("human", text_turn("T")), ("gpt", "I've read this text."), ("human", question("a")), ("gpt", '["x"]'),
-             ("human", question("b")), ("gpt", "[]")]
+    turns = [
+        ("human", text_turn("T")),
+        ("gpt", "I've read this text."),
+        ("human", question("a")),
+        ("gpt", '["x"]'),
+        ("human", question("b")),
+        ("gpt", "[]"),
+    ]
     assert Template().render(turns) == (
         "A virtual assistant answers questions from a user based on the provided text. USER: Text: T ASSISTANT: "
-        "I've read this text.</s>USER: What describes a in the text? ASSISTANT: [\"x\"]</s>"
+        'I\'ve read this text.</s>USER: What describes a in the text? ASSISTANT: ["x"]</s>'
         "USER: What describes b in the text? ASSISTANT: []</s>"
     )
 
@@ -69,8 +76,13 @@ def test_student_eos_replaces_llama_eos():
 
 def test_dataset_specific_variant_puts_the_name_on_its_own_line():
     assert text_turn("Some text", dataset="conll2003") == "Dataset: conll2003\nText: Some text"
-    assert Template().query("S", "person", dataset="mit-movie").startswith(
-        "A virtual assistant answers questions from a user based on the provided text. USER: Dataset: mit-movie\nText: S ASSISTANT:"
+    assert (
+        Template()
+        .query("S", "person", dataset="mit-movie")
+        .startswith(
+            "A virtual assistant answers questions from a user based on the provided text. "
+            "USER: Dataset: mit-movie\nText: S ASSISTANT:"
+        )
     )
 
 
@@ -83,7 +95,7 @@ def test_turns_must_alternate():
     ("output", "official", "lenient"),
     [
         ('["Paris", "Rome"]', ["Paris", "Rome"], ["Paris", "Rome"]),
-        ("A virtual assistant ... USER: What describes city? ASSISTANT: [\"Paris\"]\n", ["Paris"], ["Paris"]),
+        ('A virtual assistant ... USER: What describes city? ASSISTANT: ["Paris"]\n', ["Paris"], ["Paris"]),
         ('  ["Paris"] and more [text]', ["Paris"], ["Paris"]),
         ('Sure: ["Paris"]', [], ["Paris"]),  # the official parser only looks at the start
         ('["Paris",\n "Rome"]', [], ["Paris", "Rome"]),  # one line only

@@ -1,5 +1,7 @@
 """Model specs -> local folders: the built-in model, local folders, s3:// prefixes, hub ids, and bad specs."""
 
+import json
+
 import pytest
 
 from uniner import storage
@@ -28,7 +30,10 @@ def test_builtin_model_builds_into_an_empty_cache(tmp_path, monkeypatch, builtin
     folder = resolve_model("smollm2-135m-instruct")
     assert folder == tmp_path / "cache" / "models" / "smollm2-135m-instruct"
     assert (folder / MARKER).is_file()
-    with safe_open(folder / "model.safetensors", "pt") as fresh, safe_open(builtin_model_dir / "model.safetensors", "pt") as cached:
+    with (
+        safe_open(folder / "model.safetensors", "pt") as fresh,
+        safe_open(builtin_model_dir / "model.safetensors", "pt") as cached,
+    ):
         assert sorted(fresh.keys()) == sorted(cached.keys())
         name = "model.layers.0.self_attn.q_proj.weight"
         assert fresh.get_tensor(name).equal(cached.get_tensor(name))
@@ -65,7 +70,9 @@ def test_s3_prefix_without_model_is_refused(tmp_path, monkeypatch, s3_bucket, s3
 def test_unreachable_hub_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(UserError, match="cannot fetch model 'Universal-NER/UniNER-7B-type' from the Hugging Face hub.*local folder"):
+    with pytest.raises(
+        UserError, match="cannot fetch model 'Universal-NER/UniNER-7B-type' from the Hugging Face hub.*local folder"
+    ):
         resolve_model("Universal-NER/UniNER-7B-type")
 
 
@@ -73,3 +80,65 @@ def test_unreachable_hub_is_one_clear_error(monkeypatch, tmp_path):
 def test_unresolvable_specs(spec):
     with pytest.raises(UserError, match="is not a local folder, an s3:// prefix, a hub id"):
         resolve_model(spec)
+
+
+# ---- the built-in NER student ----
+
+STUDENT_SENTENCE = "Tim Cook, the chief executive of Apple, met Angela Merkel in Berlin on Monday."
+
+
+@pytest.mark.slow
+def test_the_student_builds_offline_into_an_empty_cache_from_base_and_delta(tmp_path, monkeypatch):
+    from importlib import resources
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("UNINER_CACHE_DIR", str(tmp_path / "cache"))
+    folder = resolve_model("uniner-ner-135m")
+    assert folder.parent == tmp_path / "cache" / "models" and folder.name.startswith("uniner-ner-135m-")
+    assert (folder / MARKER).is_file() and (folder / "tokenizer.json").is_file()
+    base = load_file(resolve_model("smollm2-135m-instruct") / "model.safetensors")
+    delta = resources.files("uniner.data").joinpath("students/uniner-ner-135m/delta.safetensors")
+    with (
+        resources.as_file(delta) as path,
+        safe_open(path, "pt") as stored,
+        safe_open(folder / "model.safetensors", "pt") as rebuilt,
+    ):
+        name = "model.layers.7.mlp.down_proj.weight"
+        up, down = stored.get_tensor(f"{name}.up").float(), stored.get_tensor(f"{name}.down").float()
+        assert rebuilt.get_tensor(name).allclose(base[name] + up @ down, atol=1e-6)
+        norm = "model.layers.7.input_layernorm.weight"
+        assert rebuilt.get_tensor(norm).equal(stored.get_tensor(f"{norm}.full"))
+    assert resolve_model("uniner-ner-135m") == folder  # built once
+
+
+@pytest.mark.slow
+def test_extract_without_a_model_finds_entities_with_the_student(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "news.jsonl").write_text(json.dumps({"id": "d1", "text": STUDENT_SENTENCE}) + "\n")
+    result = run_cli(
+        "extract",
+        "--input",
+        str(tmp_path / "docs"),
+        "--output",
+        str(tmp_path / "out"),
+        "--id-field",
+        "id",
+        "--types",
+        "person,organization,city",
+        "--output-format",
+        "jsonl",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()[0])
+    found = {(e["type"], e["text"], e["start"], e["end"]) for e in row["entities"]}
+    assert found >= {
+        ("person", "Tim Cook", 0, 8),
+        ("organization", "Apple", 33, 38),
+        ("person", "Angela Merkel", 44, 57),
+        ("city", "Berlin", 61, 67),
+    }, found

@@ -13,7 +13,6 @@ import time
 import pyarrow.dataset as pads
 import pytest
 import yaml
-
 from fault_server import SECRET, FaultServer
 
 STAGES = ["passages", "annotate", "build-data", "train", "extract"]
@@ -40,8 +39,11 @@ def _node_running(cluster_nodes, class_part: str, timeout: float = 180):
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        hosts = {a["Address"]["NodeID"] for a in state.actors().values()
-                 if a["State"] == "ALIVE" and class_part in a["ActorClassName"]}
+        hosts = {
+            a["Address"]["NodeID"]
+            for a in state.actors().values()
+            if a["State"] == "ALIVE" and class_part in a["ActorClassName"]
+        }
         for node in cluster_nodes:
             if node.node_id in hosts:
                 return node
@@ -61,15 +63,33 @@ def test_pipeline_across_nodes_survives_losing_a_node_in_annotate_and_in_extract
     server = FaultServer(latency_s=0.5)
     workdir = tmp_path / "run"
     config = {
-        "workdir": str(workdir), "sample_corpus_docs": 24, "stages": STAGES,
+        "workdir": str(workdir),
+        "sample_corpus_docs": 24,
+        "stages": STAGES,
         "passages": {"tokenizer": str(tiny_model_dir), "max_tokens": 48, "id_field": "id"},
-        "annotate": {"base_url": server.url, "model": "fault-teacher", "api_key_env": "UNINER_TEST_KEY", "num_actors": 2,
-                     "concurrency": 2, "batch_size": 2, "max_retries": 2, "timeout_s": 5.0, "requests_per_minute": 6000,
-                     "cache": str(tmp_path / "cache")},
+        "annotate": {
+            "base_url": server.url,
+            "model": "fault-teacher",
+            "api_key_env": "UNINER_TEST_KEY",
+            "num_actors": 2,
+            "concurrency": 2,
+            "batch_size": 2,
+            "max_retries": 2,
+            "timeout_s": 5.0,
+            "requests_per_minute": 6000,
+            "cache": str(tmp_path / "cache"),
+        },
         "build-data": {"drop_entities_not_in_text": False},
         "train": {"model": str(tiny_model_dir), "num_workers": 2, "max_steps": 3, "batch_size": 2, "max_length": 128},
-        "extract": {"types": ["person", "location", "date"], "backend": "transformers", "max_new_tokens": 24,
-                    "batch_size": 4, "replicas": 2, "passage_tokens": 48, "id_field": "id"},
+        "extract": {
+            "types": ["person", "location", "date"],
+            "backend": "transformers",
+            "max_new_tokens": 24,
+            "batch_size": 4,
+            "replicas": 2,
+            "passage_tokens": 48,
+            "id_field": "id",
+        },
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))

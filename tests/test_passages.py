@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_cli
+
 from uniner import passages, storage
 from uniner.config import PassagesConfig
 from uniner.errors import UserError
@@ -30,11 +30,19 @@ def make_lake(tmp_path):
     """A small lake with every format and every kind of bad input."""
     lake = tmp_path / "lake"
     (lake / "sub").mkdir(parents=True)
-    (lake / "a.jsonl").write_text("\n".join(json.dumps({"id": k, "text": DOCS[k]}, ensure_ascii=False) for k in ["a-1", "a-2"]) + "\n")
-    (lake / "sub" / "b.jsonl.gz").write_bytes(
-        gzip.compress((json.dumps({"id": "b-1", "text": DOCS["b-1"]}) + "\n" + '{"id": "b-2", "body": "no text"}\n').encode() + b'{"id": "b-3", "text": "\xff\xfe"}\n')
+    (lake / "a.jsonl").write_text(
+        "\n".join(json.dumps({"id": k, "text": DOCS[k]}, ensure_ascii=False) for k in ["a-1", "a-2"]) + "\n"
     )
-    pq.write_table(pa.table({"id": ["p-1", "p-2"], "text": ["Parquet row one mentions Seoul and Accra.", "ok"]}), lake / "c.parquet")
+    (lake / "sub" / "b.jsonl.gz").write_bytes(
+        gzip.compress(
+            (json.dumps({"id": "b-1", "text": DOCS["b-1"]}) + "\n" + '{"id": "b-2", "body": "no text"}\n').encode()
+            + b'{"id": "b-3", "text": "\xff\xfe"}\n'
+        )
+    )
+    pq.write_table(
+        pa.table({"id": ["p-1", "p-2"], "text": ["Parquet row one mentions Seoul and Accra.", "ok"]}),
+        lake / "c.parquet",
+    )
     (lake / "d.txt").write_text("A plain text document about the Nile and Lake Geneva.")
     (lake / "empty.jsonl").write_text("")
     (lake / "broken.parquet").write_bytes(b"PAR1 garbage PAR1")
@@ -43,13 +51,26 @@ def make_lake(tmp_path):
 
 
 def config(tmp_path, lake, **overrides):
-    values = {"input": str(lake), "output": str(tmp_path / "out"), "id_field": "id", "max_tokens": 16, "min_tokens": 3, "num_workers": 2}
+    values = {
+        "input": str(lake),
+        "output": str(tmp_path / "out"),
+        "id_field": "id",
+        "max_tokens": 16,
+        "min_tokens": 3,
+        "num_workers": 2,
+    }
     return PassagesConfig(**{**values, **overrides})
 
 
 def documents_by_id(lake):
     docs = dict(DOCS)
-    docs.update({"p-1": "Parquet row one mentions Seoul and Accra.", "p-2": "ok", "d.txt": "A plain text document about the Nile and Lake Geneva."})
+    docs.update(
+        {
+            "p-1": "Parquet row one mentions Seoul and Accra.",
+            "p-2": "ok",
+            "d.txt": "A plain text document about the Nile and Lake Geneva.",
+        }
+    )
     return docs
 
 
@@ -112,7 +133,10 @@ def test_sampling_keeps_the_smallest_seeded_ranks(full_run, tmp_path):
     for seed in (0, 1):
         expected = sorted(everything, key=lambda pid: passages.sample_key(seed, pid))[:4]
         assert sorted(sample(seed)) == sorted(expected)  # the same set on every run and partitioning
-    assert sorted(everything, key=lambda p: passages.sample_key(0, p))[:4] != sorted(everything, key=lambda p: passages.sample_key(1, p))[:4]
+    assert (
+        sorted(everything, key=lambda p: passages.sample_key(0, p))[:4]
+        != sorted(everything, key=lambda p: passages.sample_key(1, p))[:4]
+    )
 
 
 def test_no_dedup_keeps_repeats(tmp_path, lake, ray_session):
@@ -130,7 +154,9 @@ def test_existing_output_needs_overwrite(full_run):
 
 def test_s3_input_and_output(tmp_path, lake, ray_session, s3_bucket, s3_endpoint):
     storage.upload_tree(str(lake), storage.locate(f"{s3_bucket}/lake", s3_endpoint_url=s3_endpoint))
-    summary = passages.run(config(tmp_path, lake, input=f"{s3_bucket}/lake", output=f"{s3_bucket}/passages", s3_endpoint_url=s3_endpoint))
+    summary = passages.run(
+        config(tmp_path, lake, input=f"{s3_bucket}/lake", output=f"{s3_bucket}/passages", s3_endpoint_url=s3_endpoint)
+    )
     out = storage.locate(f"{s3_bucket}/passages", s3_endpoint_url=s3_endpoint)
     table = pads.dataset(out.path, filesystem=out.fs, format="parquet").to_table()
     assert table.num_rows == summary["passages_written"] > 0
@@ -140,7 +166,19 @@ def test_s3_input_and_output(tmp_path, lake, ray_session, s3_bucket, s3_endpoint
 
 @pytest.mark.slow
 def test_cli_end_to_end_prints_the_summary(tmp_path, lake):
-    result = run_cli("passages", "--input", str(lake), "--output", str(tmp_path / "cli"), "--id-field", "id", "--max-tokens", "16", "--min-tokens", "3")
+    result = run_cli(
+        "passages",
+        "--input",
+        str(lake),
+        "--output",
+        str(tmp_path / "cli"),
+        "--id-field",
+        "id",
+        "--max-tokens",
+        "16",
+        "--min-tokens",
+        "3",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "documents read:    6" in result.stdout
     assert "dropped by reason: " in result.stdout and "unreadable 1" in result.stdout
@@ -148,18 +186,32 @@ def test_cli_end_to_end_prints_the_summary(tmp_path, lake):
 
 def test_duplicates_found_across_files_by_full_64_bit_keys(tmp_path):
     def staging(name, rows):
-        table = pa.Table.from_pylist([{**row, "kind": row.get("kind", "passage")} for row in rows], schema=passages.STAGING_SCHEMA)
+        table = pa.Table.from_pylist(
+            [{**row, "kind": row.get("kind", "passage")} for row in rows], schema=passages.STAGING_SCHEMA
+        )
         pq.write_table(table, tmp_path / name)
         return storage.locate(str(tmp_path / name))
 
     big = 2**63 + 12345
-    first = staging("a.parquet", [{"passage_id": "a0", "dedup_key": big, "sample_key": 1},
-                                  {"kind": "reject", "reason": "empty"},
-                                  {"passage_id": "a2", "dedup_key": big + 1, "sample_key": 2}])
-    second = staging("b.parquet", [{"passage_id": "b0", "dedup_key": big + 1, "sample_key": 3},
-                                   {"passage_id": "b1", "dedup_key": big, "sample_key": 4}])
+    first = staging(
+        "a.parquet",
+        [
+            {"passage_id": "a0", "dedup_key": big, "sample_key": 1},
+            {"kind": "reject", "reason": "empty"},
+            {"passage_id": "a2", "dedup_key": big + 1, "sample_key": 2},
+        ],
+    )
+    second = staging(
+        "b.parquet",
+        [
+            {"passage_id": "b0", "dedup_key": big + 1, "sample_key": 3},
+            {"passage_id": "b1", "dedup_key": big, "sample_key": 4},
+        ],
+    )
     duplicate_of, kept_sample_keys = passages.find_duplicates([first, second])
     # Keys one apart near 2**63 stay apart; the earliest of equal keys (file order, then row order) is kept.
     assert duplicate_of == [{}, {0: "a2", 1: "a0"}]
     assert sorted(kept_sample_keys.tolist()) == [1, 2]
-    assert passages.sample_threshold(kept_sample_keys, 1) == 1 and passages.sample_threshold(kept_sample_keys, 2) is None
+    assert (
+        passages.sample_threshold(kept_sample_keys, 1) == 1 and passages.sample_threshold(kept_sample_keys, 2) is None
+    )

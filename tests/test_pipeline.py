@@ -6,8 +6,13 @@ from uniner.pipeline import resolve
 
 
 def test_each_stage_reads_the_output_it_needs(tmp_path):
-    raw = {"workdir": str(tmp_path), "sample_corpus_docs": 10, "stages": ["passages", "annotate", "build-data", "train", "extract", "evaluate"],
-           "extract": {"types": ["person"]}, "evaluate": {"data": ["dev.txt"]}}
+    raw = {
+        "workdir": str(tmp_path),
+        "sample_corpus_docs": 10,
+        "stages": ["passages", "annotate", "build-data", "train", "extract", "evaluate"],
+        "extract": {"types": ["person"]},
+        "evaluate": {"data": ["dev.txt"]},
+    }
     _, configs = resolve(raw, "in test")
     corpus, out = f"{tmp_path}/corpus", {name: f"{tmp_path}/{name}" for name in configs}
     assert configs["passages"].input == corpus and configs["annotate"].input == out["passages"]
@@ -18,15 +23,23 @@ def test_each_stage_reads_the_output_it_needs(tmp_path):
 
 
 def test_settings_in_the_file_win_and_stages_may_be_left_out(tmp_path):
-    raw = {"workdir": str(tmp_path), "stages": ["build-data", "train", "evaluate"],
-           "build-data": {"input": "a.json"}, "evaluate": {"data": ["dev.txt"], "output": str(tmp_path / "report")}}
+    raw = {
+        "workdir": str(tmp_path),
+        "stages": ["build-data", "train", "evaluate"],
+        "build-data": {"input": "a.json"},
+        "evaluate": {"data": ["dev.txt"], "output": str(tmp_path / "report")},
+    }
     _, configs = resolve(raw, "in test")
     assert configs["build-data"].input == ["a.json"] and configs["train"].data == f"{tmp_path}/build-data"
     assert configs["evaluate"].model == f"{tmp_path}/train" and configs["evaluate"].output == str(tmp_path / "report")
 
 
 def test_a_stage_run_alone_reads_what_an_earlier_run_wrote(tmp_path):
-    raw = {"workdir": str(tmp_path), "stages": ["annotate"], "passages": {"input": "docs/", "output": str(tmp_path / "p")}}
+    raw = {
+        "workdir": str(tmp_path),
+        "stages": ["annotate"],
+        "passages": {"input": "docs/", "output": str(tmp_path / "p")},
+    }
     _, configs = resolve(raw, "in test")
     assert list(configs) == ["annotate"] and configs["annotate"].input == str(tmp_path / "p")
 
@@ -35,11 +48,15 @@ def test_dry_run_of_a_fresh_recipe_plans_every_stage(tmp_path):
     from conftest import run_cli
 
     train_json = tmp_path / "train.json"
-    train_json.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "Text: Ada"}, {"from": "gpt", "value": "ok"}, '
-                          '{"from": "human", "value": "What describes person in the text?"}, {"from": "gpt", "value": "[\\"Ada\\"]"}]}]')
+    train_json.write_text(
+        '[{"id": "a", "conversations": [{"from": "human", "value": "Text: Ada"}, {"from": "gpt", "value": "ok"}, '
+        '{"from": "human", "value": "What describes person in the text?"}, {"from": "gpt", "value": "[\\"Ada\\"]"}]}]'
+    )
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"workdir: {tmp_path}/run\nstages: [build-data, train, evaluate]\nbuild-data: {{input: [{train_json}]}}\n"
-                      f"evaluate: {{data: [{tmp_path}/dev.txt]}}\n")
+    recipe.write_text(
+        f"workdir: {tmp_path}/run\nstages: [build-data, train, evaluate]\nbuild-data: {{input: [{train_json}]}}\n"
+        f"evaluate: {{data: [{tmp_path}/dev.txt]}}\n"
+    )
     result = run_cli("pipeline", str(recipe), "--dry-run", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"write conversations.json and _summary.json to {tmp_path}/run/build-data" in result.stdout
@@ -59,13 +76,16 @@ def test_a_stage_is_skipped_only_with_the_settings_it_ran_with(tmp_path, ray_ses
 
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "a.jsonl").write_text("".join(json.dumps({"body": f"Ada Lovelace wrote notes number {i} in London."}) + "\n"
-                                          for i in range(4)))
+    (docs / "a.jsonl").write_text(
+        "".join(json.dumps({"body": f"Ada Lovelace wrote notes number {i} in London."}) + "\n" for i in range(4))
+    )
     recipe = tmp_path / "recipe.yaml"
 
     def write(text_field: str, max_tokens: int) -> None:
-        recipe.write_text(f"workdir: {tmp_path}/run\nstages: [passages]\npassages: {{input: {docs}, tokenizer: "
-                          f"{tiny_model_dir}, text_field: {text_field}, max_tokens: {max_tokens}, min_tokens: 1}}\n")
+        recipe.write_text(
+            f"workdir: {tmp_path}/run\nstages: [passages]\npassages: {{input: {docs}, tokenizer: "
+            f"{tiny_model_dir}, text_field: {text_field}, max_tokens: {max_tokens}, min_tokens: 1}}\n"
+        )
 
     write("text", 64)  # the documents hold `body`: no passage at all
     with pytest.raises(UserError, match="stage passages wrote 0 records to .*: check its input and settings"):
@@ -75,8 +95,11 @@ def test_a_stage_is_skipped_only_with_the_settings_it_ran_with(tmp_path, ray_ses
     assert "passages written:  4" in capsys.readouterr().out
     assert run_file(str(recipe), overrides=[], dry_run=False) == 0  # same settings: skipped
     write("body", 32)
-    with pytest.raises(UserError, match=r"stage passages finished earlier in .* with other settings \(max_tokens 64 -> 32\): "
-                                        r"add --set passages.overwrite=true"):
+    with pytest.raises(
+        UserError,
+        match=r"stage passages finished earlier in .* with other settings \(max_tokens 64 -> 32\): "
+        r"add --set passages.overwrite=true",
+    ):
         run_file(str(recipe), overrides=[], dry_run=False)
     assert run_file(str(recipe), overrides=["passages.overwrite=true"], dry_run=False) == 0
     assert run_file(str(recipe), overrides=[], dry_run=False) == 0  # now finished with these settings

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-
 from fault_server import SECRET, FaultServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,20 +57,44 @@ class RayCluster:
             raise
 
     def _start_nodes(self, folder: Path, dashboard_port: int) -> None:
-        self._start("--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
-                    "--temp-dir", str(folder / "ray"))
+        self._start(
+            "--head",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--temp-dir",
+            str(folder / "ray"),
+        )
         self._wait_for(lambda: self.job("list").returncode == 0, "the head's job server")
         self._start("--address", f"127.0.0.1:{self.gcs_port}")
         self._wait_for(lambda: self.nodes() == 2, "the second node")
 
     def _start(self, *args: str) -> None:
         with self.log.open("a") as log:
-            self.processes.append(subprocess.Popen(
-                [RAY, "start", "--block", "--num-cpus", "1", "--disable-usage-stats",
-                 "--dashboard-agent-listen-port", str(free_port()), *args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        RAY,
+                        "start",
+                        "--block",
+                        "--num-cpus",
+                        "1",
+                        "--disable-usage-stats",
+                        "--dashboard-agent-listen-port",
+                        str(free_port()),
+                        *args,
+                    ],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     def _wait_for(self, ready, what: str, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -81,15 +104,26 @@ class RayCluster:
             time.sleep(1)
 
     def nodes(self) -> int:
-        status = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{self.gcs_port}"], env=self.env,
-                                capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [RAY, "status", "--address", f"127.0.0.1:{self.gcs_port}"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
         return len(re.findall(r"node_[0-9a-f]+", active))
 
     def job(self, verb: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """One `ray job VERB` against the cluster, from the repository root, as a user types it."""
-        return subprocess.run([RAY, "job", verb, "--address", self.address, *args], cwd=ROOT,
-                              env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [RAY, "job", verb, "--address", self.address, *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def submit(self, *entrypoint: str, key: str | None = None) -> str:
         """`ray job submit --working-dir .` without waiting; returns the submission id."""
@@ -154,8 +188,17 @@ def cluster(builtin_model_dir):
 
 def check_command(workdir: Path, teacher: FaultServer, cache: Path) -> list[str]:
     """The docs' command, pointed at the local teacher."""
-    return ["uniner", "pipeline", "jobs/cluster-check.yaml", "--set", f"workdir={workdir}",
-            "--set", f"annotate.base_url={teacher.url}", "--set", f"annotate.cache={cache}"]
+    return [
+        "uniner",
+        "pipeline",
+        "jobs/cluster-check.yaml",
+        "--set",
+        f"workdir={workdir}",
+        "--set",
+        f"annotate.base_url={teacher.url}",
+        "--set",
+        f"annotate.cache={cache}",
+    ]
 
 
 @pytest.mark.timeout(1200)
@@ -170,7 +213,9 @@ def test_a_job_stopped_halfway_resumes_when_submitted_again(cluster, tmp_path):
     first = cluster.submit(*command, key=SECRET)
     deadline = time.time() + 600
     while len(list((workdir / "annotate").glob("part-*.parquet"))) < 3:
-        assert cluster.status(first) not in TERMINAL, f"the job ended before it could be stopped: {cluster.logs(first)[-3000:]}"
+        assert cluster.status(first) not in TERMINAL, (
+            f"the job ended before it could be stopped: {cluster.logs(first)[-3000:]}"
+        )
         assert time.time() < deadline, cluster.logs(first)[-3000:]
         time.sleep(0.5)
     stopped = cluster.job("stop", first)

@@ -95,7 +95,10 @@ def test_endpoint_comes_from_the_environment(monkeypatch, s3_bucket, s3_endpoint
     assert storage.read_text(location) == "ok"
 
 
-@pytest.mark.parametrize("uri, message", [("", "empty location"), ("gs://b/x", "unsupported location scheme gs://"), ("s3://", "names no bucket")])
+@pytest.mark.parametrize(
+    "uri, message",
+    [("", "empty location"), ("gs://b/x", "unsupported location scheme gs://"), ("s3://", "names no bucket")],
+)
 def test_bad_locations(uri, message):
     with pytest.raises(UserError, match=message):
         storage.locate(uri)
@@ -127,8 +130,14 @@ class RotatingCredentials:
             def do_GET(self):
                 outer.requests.append(time.time())
                 expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
-                body = json.dumps({"AccessKeyId": f"ASIA{len(outer.requests):012d}", "SecretAccessKey": "rotating",
-                                   "Token": "session", "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode()
+                body = json.dumps(
+                    {
+                        "AccessKeyId": f"ASIA{len(outer.requests):012d}",
+                        "SecretAccessKey": "rotating",
+                        "Token": "session",
+                        "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -150,8 +159,12 @@ def test_expiring_credentials_are_refreshed_during_a_long_job(s3_endpoint, tmp_p
 
     credentials = RotatingCredentials()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_CONTAINER_CREDENTIALS_FULL_URI=credentials.url, AWS_DEFAULT_REGION="us-east-1",
-               AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
+    env.update(
+        AWS_CONTAINER_CREDENTIALS_FULL_URI=credentials.url,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        HOME=str(tmp_path),
+    )
     job = f"""
 import time, boto3
 from uniner import storage

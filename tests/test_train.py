@@ -13,7 +13,15 @@ import pytest
 from uniner import storage, train
 from uniner.config import TrainConfig
 from uniner.formats import READ_ACK, Template, question, text_turn
-from uniner.train_data import IGNORE_INDEX, ConversationTokenizer, TooLong, collate, conversation_rng, micro_batches, shuffled_turns
+from uniner.train_data import (
+    IGNORE_INDEX,
+    ConversationTokenizer,
+    TooLong,
+    collate,
+    conversation_rng,
+    micro_batches,
+    shuffled_turns,
+)
 
 TYPES = ["person", "city", "company", "river", "year", "sport"]
 
@@ -31,7 +39,10 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
         picked = rng.sample(names, 3)
         turns = [{"from": "human", "value": text_turn(" ".join(picked) + " met.")}, {"from": "gpt", "value": READ_ACK}]
         for entity_type in rng.sample(TYPES, 2):
-            turns += [{"from": "human", "value": question(entity_type)}, {"from": "gpt", "value": json.dumps(picked[:1])}]
+            turns += [
+                {"from": "human", "value": question(entity_type)},
+                {"from": "gpt", "value": json.dumps(picked[:1])},
+            ]
         conversations.append({"id": f"c{index}", "conversations": turns})
     return conversations
 
@@ -41,7 +52,9 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
 
 def test_unmasked_tokens_are_exactly_the_answers_and_prompts_match_inference(tokenizer, shared_data):
     sample = json.loads((shared_data / "pile-ner-sample" / "pile_ner_type_sample.json").read_text())
-    conversation = next(c for c in sample if len(c["conversations"]) >= 6 and len(c["conversations"][0]["value"]) < 1500)
+    conversation = next(
+        c for c in sample if len(c["conversations"]) >= 6 and len(c["conversations"][0]["value"]) < 1500
+    )
     turns = shuffled_turns(_turns(conversation), conversation_rng(0, conversation["id"]))
     tokens = ConversationTokenizer(tokenizer, max_length=1024)(turns)
     assert tokens.turns_cut == 0 and len(tokens.input_ids) == len(tokens.loss_mask)
@@ -59,12 +72,17 @@ def test_unmasked_tokens_are_exactly_the_answers_and_prompts_match_inference(tok
     assert len(starts) == len(answers)
     for index, start in enumerate(starts):
         assert tokens.input_ids[:start] == tokenizer(template.render(turns[: 2 * index + 1])).input_ids
-    text, first_type = turns[0][1].removeprefix("Text: "), turns[2][1].removeprefix("What describes ").removesuffix(" in the text?")
+    text, first_type = (
+        turns[0][1].removeprefix("Text: "),
+        turns[2][1].removeprefix("What describes ").removesuffix(" in the text?"),
+    )
     assert tokens.input_ids[: starts[1]] == tokenizer(template.query(text, first_type)).input_ids
 
 
 def test_turns_after_the_first_exchange_are_shuffled_in_pairs_with_a_seed():
-    turns = [("human", "Text: t"), ("gpt", READ_ACK)] + [x for i in range(6) for x in (("human", f"q{i}"), ("gpt", f"a{i}"))]
+    turns = [("human", "Text: t"), ("gpt", READ_ACK)] + [
+        x for i in range(6) for x in (("human", f"q{i}"), ("gpt", f"a{i}"))
+    ]
     orders = {tuple(shuffled_turns(turns, conversation_rng(seed, "c"))) for seed in range(5)}
     assert len(orders) > 1
     assert shuffled_turns(turns, conversation_rng(3, "c")) == shuffled_turns(turns, conversation_rng(3, "c"))
@@ -89,7 +107,9 @@ def test_length_grouped_batches_keep_every_row_and_pad_little():
     lengths = rng.integers(50, 400, size=256)
     window = {"input_ids": [np.arange(n) + 1 for n in lengths], "loss_mask": [np.ones(n, np.int8) for n in lengths]}
     batches = list(micro_batches([window], batch_size=4, rng=random.Random(0), pad_id=0))
-    assert sorted(int(b["attention_mask"].sum(1)[i]) for b in batches for i in range(len(b["input_ids"]))) == sorted(lengths)
+    assert sorted(int(b["attention_mask"].sum(1)[i]) for b in batches for i in range(len(b["input_ids"]))) == sorted(
+        lengths
+    )
     share = sum(b["attention_mask"].sum() for b in batches) / sum(b["attention_mask"].size for b in batches)
     assert share > 0.97
     batch = collate([(np.array([5, 6, 7]), np.array([0, 1, 1]))], pad_id=0)
@@ -122,29 +142,58 @@ def test_answer_loss_equals_the_full_logits_loss_and_its_gradient(tiny_model_dir
 def killed_and_resumed(tmp_path_factory, tiny_model_dir, ray_session, s3_endpoint):
     """One run on 2 workers, checkpoints on the local S3 server, whose last worker dies after step 3; FailureConfig
     restarts the group from the step-2 checkpoint. Yields the summary, a local copy of the output and the marker."""
-    import os
     import uuid
 
     import boto3
 
     folder = tmp_path_factory.mktemp("train")
     conversations = synthetic_conversations(16)
-    conversations.append({"id": "long", "conversations": [{"from": "human", "value": text_turn("word " * 400)}, {"from": "gpt", "value": READ_ACK}]})
+    conversations.append(
+        {
+            "id": "long",
+            "conversations": [{"from": "human", "value": text_turn("word " * 400)}, {"from": "gpt", "value": READ_ACK}],
+        }
+    )
     conversations.append({"id": "broken", "conversations": [{"from": "gpt", "value": "[]"}]})
     (folder / "train.json").write_text(json.dumps(conversations))
     bucket = f"train-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     marker = folder / "killed"
-    config = TrainConfig(data=str(folder / "train.json"), output=f"s3://{bucket}/student", model=str(tiny_model_dir), num_workers=2,
-                         batch_size=4, max_steps=8, learning_rate=1e-2, warmup_ratio=0.1, max_length=128, checkpoint_every=2,
-                         s3_endpoint_url=s3_endpoint)
-    os.environ[train.KILL_ENV] = f"3:{marker}"
-    try:
-        summary = train.run(config)
-    finally:
-        del os.environ[train.KILL_ENV]
+    config = TrainConfig(
+        data=str(folder / "train.json"),
+        output=f"s3://{bucket}/student",
+        model=str(tiny_model_dir),
+        num_workers=2,
+        batch_size=4,
+        max_steps=8,
+        learning_rate=1e-2,
+        warmup_ratio=0.1,
+        max_length=128,
+        checkpoint_every=2,
+        s3_endpoint_url=s3_endpoint,
+    )
+    summary = train.run(config, after_step=kill_last_worker_once(at_step=3, marker=str(marker)))
     storage.download_tree(storage.locate(config.output, s3_endpoint_url=s3_endpoint), str(folder / "out"))
     return summary, folder / "out", marker
+
+
+def kill_last_worker_once(*, at_step: int, marker: str):
+    """A training hook: the last worker exits at step `at_step`, once (while `marker` does not exist). A closure, so
+    that Ray pickles it by value into the workers."""
+
+    def after_step(*, step: int, rank: int, world_size: int) -> None:
+        import os
+        import pathlib
+        import time
+
+        if step == at_step and rank == world_size - 1 and not os.path.exists(marker):
+            pathlib.Path(marker).touch()
+            # The controller takes the workers' reports on its own schedule: wait past it, so that the crash comes
+            # after the last checkpoint is registered, as a crash in a real run would.
+            time.sleep(10)
+            os._exit(1)
+
+    return after_step
 
 
 def test_loss_falls_on_a_small_fixed_set(killed_and_resumed):
@@ -191,7 +240,9 @@ def test_output_is_a_plain_hugging_face_folder(killed_and_resumed, tiny_model_di
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, final.state_dict()[name]), name
-    assert not torch.equal(model.state_dict()["model.embed_tokens.weight"], initial.state_dict()["model.embed_tokens.weight"])
+    assert not torch.equal(
+        model.state_dict()["model.embed_tokens.weight"], initial.state_dict()["model.embed_tokens.weight"]
+    )
     assert AutoTokenizer.from_pretrained(out).eos_token == AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
 
 
@@ -199,8 +250,12 @@ def test_finished_output_is_not_overwritten_silently(killed_and_resumed):
     from uniner.errors import UserError
 
     summary, _, _ = killed_and_resumed
-    config = TrainConfig(data=summary["data"], output=summary["output"], model=summary["model"],
-                         s3_endpoint_url=summary["config"]["s3_endpoint_url"])
+    config = TrainConfig(
+        data=summary["data"],
+        output=summary["output"],
+        model=summary["model"],
+        s3_endpoint_url=summary["config"]["s3_endpoint_url"],
+    )
     with pytest.raises(UserError, match="--overwrite"):
         train.run(config)
 
@@ -222,11 +277,26 @@ def test_a_run_logs_each_step_once_and_nothing_every_second(tmp_path, tiny_model
     from conftest import run_cli
 
     (tmp_path / "train.json").write_text(json.dumps(synthetic_conversations(16)))
-    result = run_cli("train", "--data", str(tmp_path / "train.json"), "--output", str(tmp_path / "o"), "--model", str(tiny_model_dir),
-                     "--max-steps", "4", "--max-length", "128", "--checkpoint-every", "1")
+    result = run_cli(
+        "train",
+        "--data",
+        str(tmp_path / "train.json"),
+        "--output",
+        str(tmp_path / "o"),
+        "--model",
+        str(tiny_model_dir),
+        "--max-steps",
+        "4",
+        "--max-length",
+        "128",
+        "--checkpoint-every",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    steps = [line.split("uniner train: step ")[1].split()[0] for line in log.splitlines() if "uniner train: step " in line]
+    steps = [
+        line.split("uniner train: step ")[1].split()[0] for line in log.splitlines() if "uniner train: step " in line
+    ]
     assert steps == ["1/4", "2/4", "3/4", "4/4"]
     assert "State API" not in log and "Running Dataset train" not in log
 
@@ -248,7 +318,13 @@ def test_job_files_load_and_hold_the_paper_settings():
 
     paper = load_config(TrainConfig, yaml_path="jobs/train-paper.yaml", overrides={"data": "d", "output": "o"})
     assert paper.num_workers * paper.batch_size * paper.grad_accum == 256
-    assert (paper.learning_rate, paper.lr_schedule, paper.warmup_ratio, paper.epochs, paper.max_length) == (2e-5, "cosine", 0.04, 3, 1024)
+    assert (paper.learning_rate, paper.lr_schedule, paper.warmup_ratio, paper.epochs, paper.max_length) == (
+        2e-5,
+        "cosine",
+        0.04,
+        3,
+        1024,
+    )
     assert paper.precision == "bf16" and paper.fsdp and paper.use_gpu
     cpu = load_config(TrainConfig, yaml_path="jobs/train-cpu.yaml", overrides={"data": "d", "output": "o"})
     assert not cpu.use_gpu and cpu.precision == "fp32"
@@ -258,7 +334,16 @@ def test_dry_run_plans_without_training(tmp_path):
     from conftest import run_cli
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in synthetic_conversations(2)))
-    result = run_cli("train", "--config", "jobs/train-cpu.yaml", "--data", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "o"), "--dry-run")
+    result = run_cli(
+        "train",
+        "--config",
+        "jobs/train-cpu.yaml",
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--output",
+        str(tmp_path / "o"),
+        "--dry-run",
+    )
     assert result.returncode == 0, result.stderr
     assert "32 conversations per step" in result.stdout and "DDP, fp32" in result.stdout
     assert not (tmp_path / "o").exists()

@@ -25,18 +25,26 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from uniner import storage
-from uniner.build_data import type_statistics
 from uniner.config import AnnotateConfig, to_dict
+from uniner.conversations import type_statistics
 from uniner.errors import UserError
-from uniner.teacher import Answer, RateLimiter, ResponseCache, Secret, Teacher, local_cache_uri, prompt_tokens, prompt_version
+from uniner.teacher import (
+    Answer,
+    RateLimiter,
+    ResponseCache,
+    Secret,
+    Teacher,
+    local_cache_uri,
+    prompt_tokens,
+    prompt_version,
+)
 from uniner.teacher_answers import filter_pairs, looks_like_refusal, parse_pairs
 
 # `uniner pipeline` keeps a partial output of this stage: rerunning resumes it.
-RESUMES = True
 
 log = logging.getLogger(__name__)
 
-# The annotations contract (DESIGN.md section 1), the one place it is written down.
+# The annotations contract (docs/design.md section 1), the one place it is written down.
 ENTITY = pa.struct([("text", pa.string()), ("type", pa.string()), ("in_passage", pa.bool_())])
 DROPPED_ENTITY = pa.struct([("text", pa.string()), ("type", pa.string()), ("reason", pa.string())])
 ANNOTATION_SCHEMA = pa.schema(
@@ -57,7 +65,6 @@ ANNOTATION_SCHEMA = pa.schema(
     ]
 )
 STATUSES = ("ok", "malformed", "refused", "error")
-SUMMARY_FILE = "_summary.json"
 RUN_FILE = "_run.json"
 PROGRESS_EVERY_S = 10.0
 JOB_STOP = "job stopped: "  # an error that every request would meet (wrong key, model or URL); never stored
@@ -66,15 +73,28 @@ JOB_STOP = "job stopped: "  # an error that every request would meet (wrong key,
 def annotation_row(passage_id: str, text: str, answer: Answer, *, model: str, version: str) -> dict[str, Any]:
     """One output row from a teacher answer: status, kept and dropped entities, tokens."""
     row = {
-        "passage_id": passage_id, "text": text, "entities": [], "dropped_entities": [], "raw_response": answer.content,
-        "error": answer.error, "teacher_model": model, "prompt_version": version, "input_tokens": answer.input_tokens,
-        "output_tokens": answer.output_tokens, "from_cache": answer.from_cache, "attempts": answer.attempts,
+        "passage_id": passage_id,
+        "text": text,
+        "entities": [],
+        "dropped_entities": [],
+        "raw_response": answer.content,
+        "error": answer.error,
+        "teacher_model": model,
+        "prompt_version": version,
+        "input_tokens": answer.input_tokens,
+        "output_tokens": answer.output_tokens,
+        "from_cache": answer.from_cache,
+        "attempts": answer.attempts,
     }
     if answer.error:
         return {**row, "status": "error"}
     if answer.refusal or answer.finish_reason == "content_filter":
-        return {**row, "status": "refused", "raw_response": answer.content or answer.refusal,
-                "error": f"the teacher declined: {answer.refusal or 'content filter'}"}
+        return {
+            **row,
+            "status": "refused",
+            "raw_response": answer.content or answer.refusal,
+            "error": f"the teacher declined: {answer.refusal or 'content filter'}",
+        }
     parsed = parse_pairs(answer.content)
     if parsed.problem:
         status = "refused" if looks_like_refusal(answer.content) else "malformed"
@@ -96,9 +116,17 @@ class AnnotateBatch:
         self.version = prompt_version(config.prompt_variant)
         cache = ResponseCache(cache_uri, s3_endpoint_url=config.s3_endpoint_url)
         self.teacher = Teacher(
-            base_url=config.base_url, model=config.model, api_key=api_key, variant=config.prompt_variant,
-            temperature=config.temperature, max_tokens=config.max_tokens, timeout_s=config.timeout_s,
-            max_retries=config.max_retries, limiter=limiter, cache=cache, api_key_env=config.api_key_env,
+            base_url=config.base_url,
+            model=config.model,
+            api_key=api_key,
+            variant=config.prompt_variant,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            timeout_s=config.timeout_s,
+            max_retries=config.max_retries,
+            limiter=limiter,
+            cache=cache,
+            api_key_env=config.api_key_env,
         )
         self.slots: asyncio.Semaphore | None = None  # made on the actor's event loop, shared by all its batches
 
@@ -124,14 +152,16 @@ class AnnotateBatch:
 
 def read_passages(config: AnnotateConfig) -> pa.Table:
     """`passage_id` and `text` of the input passages, each id once."""
-    location = storage.locate(config.input, s3_endpoint_url=config.s3_endpoint_url)
+    location = config.locate(config.input)
     if not storage.exists(location):
         raise UserError(f"input {location} does not exist: give the output of `uniner passages`")
     with storage.storage_errors("read", location):
         dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
         missing = {"passage_id", "text"} - set(dataset.schema.names)
         if missing:
-            raise UserError(f"input {location} has no {', '.join(sorted(missing))} column: give the output of `uniner passages`")
+            raise UserError(
+                f"input {location} has no {', '.join(sorted(missing))} column: give the output of `uniner passages`"
+            )
         table = dataset.to_table(columns=["passage_id", "text"])
     return table.take(first_occurrences(table["passage_id"].to_pylist()))
 
@@ -144,8 +174,12 @@ def first_occurrences(ids: list[str]) -> list[int]:
 
 def run_identity(config: AnnotateConfig) -> dict[str, Any]:
     """What makes stored parts reusable by a rerun: the same teacher, prompt and sampling."""
-    return {"teacher_model": config.model, "prompt_version": prompt_version(config.prompt_variant),
-            "temperature": config.temperature, "max_tokens": config.max_tokens}
+    return {
+        "teacher_model": config.model,
+        "prompt_version": prompt_version(config.prompt_variant),
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+    }
 
 
 def open_output(output: storage.Location, config: AnnotateConfig) -> set[str]:
@@ -157,8 +191,10 @@ def open_output(output: storage.Location, config: AnnotateConfig) -> set[str]:
         stored = storage.read_json(run_file)
         if stored != identity:
             changed = ", ".join(f"{k} {stored.get(k)!r} -> {v!r}" for k, v in identity.items() if stored.get(k) != v)
-            raise UserError(f"output {output} holds annotations made with other settings ({changed}): "
-                            "pass --overwrite to start again, or choose another output")
+            raise UserError(
+                f"output {output} holds annotations made with other settings ({changed}): "
+                "pass --overwrite to start again, or choose another output"
+            )
         return keep_stored(output, set(config.retry))
     storage.prepare_output(output, overwrite=config.overwrite)
     storage.write_json(run_file, identity)
@@ -216,7 +252,10 @@ def replace_part(output: storage.Location, path: str, table: pa.Table) -> None:
 def read_api_key(config: AnnotateConfig) -> Secret:
     key = os.environ.get(config.api_key_env, "")
     if not key:
-        log.info("annotate: $%s is not set; sending a placeholder key (fine for a local server that needs none)", config.api_key_env)
+        log.info(
+            "annotate: $%s is not set; sending a placeholder key (fine for a local server that needs none)",
+            config.api_key_env,
+        )
     return Secret(key)
 
 
@@ -248,7 +287,9 @@ class Progress:
         errors = [e for s, e in zip(statuses, table["error"].to_pylist()) if s == "error"]
         if errors and not self.first_error:
             self.first_error = errors[0]
-            log.warning("annotate: a passage ended in error (%s); it is stored as such, and a rerun asks again", errors[0])
+            log.warning(
+                "annotate: a passage ended in error (%s); it is stored as such, and a rerun asks again", errors[0]
+            )
         self.from_cache += pc.sum(table["from_cache"].cast(pa.int64())).as_py() or 0
         self.billed_input += pc.sum(pc.if_else(billed, table["input_tokens"], 0)).as_py() or 0
         self.billed_output += pc.sum(pc.if_else(billed, table["output_tokens"], 0)).as_py() or 0
@@ -260,9 +301,17 @@ class Progress:
         done = self.logged = sum(self.statuses.values())
         rate = done / max(1e-9, self.last_log - self.started)
         by_status = ", ".join(f"{s} {self.statuses[s]}" for s in STATUSES if self.statuses[s])
-        log.info("annotate: %d/%d passages (%s), %d retries, %.1f/s, %d input + %d output tokens billed, ~$%.4f",
-                 done, self.todo, by_status or "none yet", self.retries, rate, self.billed_input, self.billed_output,
-                 cost(self.billed_input, self.billed_output, self.config))
+        log.info(
+            "annotate: %d/%d passages (%s), %d retries, %.1f/s, %d input + %d output tokens billed, ~$%.4f",
+            done,
+            self.todo,
+            by_status or "none yet",
+            self.retries,
+            rate,
+            self.billed_input,
+            self.billed_output,
+            cost(self.billed_input, self.billed_output, self.config),
+        )
 
 
 def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, progress: Progress) -> None:
@@ -275,9 +324,10 @@ def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, p
     init_ray()
     # The limiter lives on the driver's node: a worker node lost mid-run must not take the job-wide limit with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    limiter = ray.remote(num_cpus=0)(RateLimiter).options(name=f"uniner-annotate-limit-{uuid.uuid4().hex[:8]}",
-                                                          scheduling_strategy=here).remote(
-        config.requests_per_minute, config.tokens_per_minute
+    limiter = (
+        ray.remote(num_cpus=0)(RateLimiter)
+        .options(name=f"uniner-annotate-limit-{uuid.uuid4().hex[:8]}", scheduling_strategy=here)
+        .remote(config.requests_per_minute, config.tokens_per_minute)
     )
     # Blocks of a few batches each: an actor then runs several batches at once, each with its requests in flight.
     rows_per_block = config.batch_size * 4
@@ -285,11 +335,18 @@ def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, p
     calls_per_actor = max(1, math.ceil(config.concurrency / rows_per_block)) + 1
     results = ray.data.from_arrow(blocks).map_batches(
         AnnotateBatch,
-        fn_constructor_kwargs={"config": config, "api_key": read_api_key(config), "limiter": limiter, "cache_uri": cache_uri(config)},
+        fn_constructor_kwargs={
+            "config": config,
+            "api_key": read_api_key(config),
+            "limiter": limiter,
+            "cache_uri": cache_uri(config),
+        },
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
-            size=config.num_actors, max_concurrent_calls_per_actor=calls_per_actor, max_tasks_in_flight_per_actor=calls_per_actor
+            size=config.num_actors,
+            max_concurrent_calls_per_actor=calls_per_actor,
+            max_tasks_in_flight_per_actor=calls_per_actor,
         ),
         num_cpus=0.25,  # the actors wait on the network, not the CPU
     )
@@ -315,7 +372,7 @@ def annotate(todo: pa.Table, output: storage.Location, config: AnnotateConfig, p
 def plan(config: AnnotateConfig) -> list[str]:
     """What the stage would do and roughly what it costs, for --dry-run (no request is sent)."""
     passages = read_passages(config)
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     resumes = storage.exists(output.join(RUN_FILE)) and not config.overwrite
     stored = stored_ids(output, set(config.retry)) if resumes else set()
     todo = passages.filter(pc.invert(pc.is_in(passages["passage_id"], value_set=pa.array(list(stored), pa.string()))))
@@ -325,26 +382,36 @@ def plan(config: AnnotateConfig) -> list[str]:
     cache = cache_uri(config) or "off"
     return [
         f"annotate {todo.num_rows} of {passages.num_rows} passages ({len(stored)} already stored in {config.output})",
-        f"teacher {config.model} at {config.base_url}, prompt {prompt_version(config.prompt_variant)}, temperature {config.temperature}",
-        f"estimated input tokens (chars/4 rule): {input_tokens}; output tokens at most {output_bound} ({config.max_tokens} per passage)",
-        f"estimated cost: ${cost(input_tokens, 0, config):.4f} for input, up to ${cost(input_tokens, output_bound, config):.4f} "
-        f"with the longest answers (prices {config.price_input_per_mtok}/{config.price_output_per_mtok} per million tokens)",
-        f"at most {config.requests_per_minute} requests and {config.tokens_per_minute} tokens per minute: at least {minutes:.1f} minutes "
+        f"teacher {config.model} at {config.base_url}, prompt {prompt_version(config.prompt_variant)}, "
+        f"temperature {config.temperature}",
+        f"estimated input tokens (chars/4 rule): {input_tokens}; "
+        f"output tokens at most {output_bound} ({config.max_tokens} per passage)",
+        f"estimated cost: ${cost(input_tokens, 0, config):.4f} for input, "
+        f"up to ${cost(input_tokens, output_bound, config):.4f} "
+        f"with the longest answers (prices {config.price_input_per_mtok}/"
+        f"{config.price_output_per_mtok} per million tokens)",
+        f"at most {config.requests_per_minute} requests and {config.tokens_per_minute} tokens per minute: "
+        f"at least {minutes:.1f} minutes "
         "(cached answers cost neither)",
         f"{config.num_actors} actors x {config.concurrency} requests in flight; response cache: {cache}",
-        f"write annotations to {config.output} (Parquet parts), summary to {config.output}/{SUMMARY_FILE}",
+        f"write annotations to {config.output} (Parquet parts), summary to {config.output}/{storage.SUMMARY_FILE}",
     ]
 
 
 def run(config: AnnotateConfig) -> dict[str, Any]:
     """Run the stage; returns the summary that is also written to OUTPUT/_summary.json."""
     started = time.time()
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     passages = read_passages(config)
     stored = open_output(output, config)
     todo = passages.filter(pc.invert(pc.is_in(passages["passage_id"], value_set=pa.array(list(stored), pa.string()))))
-    log.info("annotate: %d passages, %d already stored, %d to annotate with %s", passages.num_rows,
-             passages.num_rows - todo.num_rows, todo.num_rows, config.model)
+    log.info(
+        "annotate: %d passages, %d already stored, %d to annotate with %s",
+        passages.num_rows,
+        passages.num_rows - todo.num_rows,
+        todo.num_rows,
+        config.model,
+    )
     progress = Progress(config, todo=todo.num_rows, stored_before=len(stored))
     if todo.num_rows:
         annotate(todo, output, config, progress)
@@ -352,13 +419,17 @@ def run(config: AnnotateConfig) -> dict[str, Any]:
     errors = summary["status"].get("error", 0)
     if errors:
         first = progress.first_error or "see the error column"
-        summary["incomplete"] = (f"{errors} of {passages.num_rows} passages ended in error (first: {first}); the others "
-                                 "are stored: run the same command again to ask for those passages again")
-    storage.write_json(output.join(SUMMARY_FILE), summary)
+        summary["incomplete"] = (
+            f"{errors} of {passages.num_rows} passages ended in error (first: {first}); the others "
+            "are stored: run the same command again to ask for those passages again"
+        )
+    storage.write_json(output.join(storage.SUMMARY_FILE), summary)
     return summary
 
 
-def summarize(output: storage.Location, config: AnnotateConfig, progress: Progress, *, passages: int, seconds: float) -> dict[str, Any]:
+def summarize(
+    output: storage.Location, config: AnnotateConfig, progress: Progress, *, passages: int, seconds: float
+) -> dict[str, Any]:
     with storage.storage_errors("read", output):
         table = pads.dataset(output.path, filesystem=output.fs, format="parquet", schema=ANNOTATION_SCHEMA).to_table()
     entities = pc.list_flatten(table["entities"])
@@ -408,7 +479,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"entities dropped:  {dropped}",
         f"tokens:            {summary['tokens']['input']} input, {summary['tokens']['output']} output; "
         f"cost estimate ${summary['cost_estimate_usd']:.4f}",
-        f"this run:          {this_run['requests']} requests, {this_run['answered_from_cache']} answers from the cache, "
+        f"this run:          {this_run['requests']} requests, "
+        f"{this_run['answered_from_cache']} answers from the cache, "
         f"${this_run['cost_estimate_usd']:.4f}",
-        f"took {summary['seconds']} s; summary in {summary['output']}/{SUMMARY_FILE}",
+        f"took {summary['seconds']} s; summary in {summary['output']}/{storage.SUMMARY_FILE}",
     ]

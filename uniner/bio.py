@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 COLUMN_ORDERS = ("auto", "token-tag", "tag-token")
 
-# DESIGN.md section 3: the types the UniNER evaluation asks for. `None` drops a label (never queried).
+# docs/design.md section 3: the types the UniNER evaluation asks for. `None` drops a label (never queried).
 LABEL_TYPES: dict[str, str | None] = {
     "misc": None,
     "MISC": None,
@@ -99,8 +99,9 @@ def detect_column_order(text: str) -> str:
     return "tag-token" if len(first) == 2 and _is_tag(first[0]) and not _is_tag(first[1]) else "token-tag"
 
 
-def read_bio(uri: str, *, column_order: str = "auto", label_map: dict[str, str | None] | None = None,
-             s3_endpoint_url: str = "") -> BioFile:
+def read_bio(
+    uri: str, *, column_order: str = "auto", label_map: dict[str, str | None] | None = None, s3_endpoint_url: str = ""
+) -> BioFile:
     """Read one BIO file. A malformed line is a UserError with file and line; an `I-` tag that does not continue an
     entity of its type starts a new entity, and is counted in `repairs`."""
     if column_order not in COLUMN_ORDERS:
@@ -127,8 +128,10 @@ def read_bio(uri: str, *, column_order: str = "auto", label_map: dict[str, str |
         columns = line.split("\t")
         if len(columns) != 2:
             order = "token<TAB>tag" if column_order == "token-tag" else "tag<TAB>token"
-            raise UserError(f"{location}:{number}: expected 2 tab-separated columns ({order}), found {len(columns)}; "
-                            "fix the line or check --bio-column-order")
+            raise UserError(
+                f"{location}:{number}: expected 2 tab-separated columns ({order}), found {len(columns)}; "
+                "fix the line or check --bio-column-order"
+            )
         token, tag = columns if column_order == "token-tag" else reversed(columns)
         if not _is_tag(tag):
             hint = " (the columns may be swapped: check --bio-column-order)" if _is_tag(token) else ""
@@ -142,7 +145,9 @@ def read_bio(uri: str, *, column_order: str = "auto", label_map: dict[str, str |
     return BioFile(name=name, sentences=sentences, types=types, repairs=repairs)
 
 
-def _sentence(rows: list[tuple[int, str, str]], label_map, label_counts: Counter, repairs: Counter, name: str) -> Sentence:
+def _sentence(
+    rows: list[tuple[int, str, str]], label_map, label_counts: Counter, repairs: Counter, name: str
+) -> Sentence:
     tokens = [token for _, token, _ in rows]
     starts = []
     offset = 0

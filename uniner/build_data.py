@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import re
 from collections import Counter
-from pathlib import PurePosixPath
 from typing import Any, Iterable
 
 import numpy as np
@@ -25,31 +22,26 @@ import pyarrow.dataset as pads
 
 from uniner import bio, storage
 from uniner.config import BuildDataConfig, to_dict
+from uniner.conversations import (
+    check_conversation,
+    conversation,
+    dataset_name_of,
+    eval_queries,
+    question_type,
+    text_of,
+    type_statistics,
+)
 from uniner.errors import UserError
-from uniner.formats import READ_ACK, question, text_turn
+from uniner.formats import question
 
 log = logging.getLogger("uniner.build_data")
 
 CONVERSATIONS_FILE = "conversations.json"
 BIO_SUFFIXES = (".txt", ".bio", ".conll", ".tsv")
 CONVERSATION_SUFFIXES = (".json", ".jsonl")
-_TEXT_TURN = re.compile(r"(Dataset: [^\n]*\n)?Text: ", re.DOTALL)
 
 
-# ---------------------------------------------------------------- conversations
-
-
-def conversation(record_id: str, text: str, qa: list[tuple[str, list[str]]], *, dataset: str = "") -> dict[str, Any]:
-    """One record in the Pile-NER `train.json` shape: the text turn, the read acknowledgement, then one question per
-    type answered with the JSON list of its entities (`[]` for a negative type)."""
-    turns = [{"from": "human", "value": text_turn(text, dataset=dataset or None)}, {"from": "gpt", "value": READ_ACK}]
-    for entity_type, entities in qa:
-        turns.append({"from": "human", "value": question(entity_type)})
-        turns.append({"from": "gpt", "value": bio.answer(entities)})
-    record: dict[str, Any] = {"id": record_id, "conversations": turns}
-    if dataset:
-        record["dataset"] = dataset
-    return record
+# ---------------------------------------------------------------- negative types
 
 
 def _stable_int(key: str) -> int:
@@ -110,27 +102,11 @@ def type_variant_merges(mentions: Counter) -> dict[str, str]:
     return merges
 
 
-def type_statistics(mentions: Counter, *, head: int = 10) -> dict[str, Any]:
-    """Paper-style statistics of a type distribution: mentions, types, the head and the tail."""
-    ranked = mentions.most_common()
-    total = sum(mentions.values())
-    top = math.ceil(len(ranked) / 100)  # the most frequent 1% of types, at least one
-    return {
-        "entities": total,
-        "types": len(ranked),
-        "head": [[t, n] for t, n in ranked[:head]],
-        "tail": [[t, n] for t, n in ranked[-head:]] if len(ranked) > head else [],
-        "types_seen_once": sum(1 for _, n in ranked if n == 1),
-        "top_1pct_types": top,
-        "top_1pct_types_mention_share": round(sum(n for _, n in ranked[:top]) / total, 4) if total else 0.0,
-    }
-
-
 # ---------------------------------------------------------------- annotations
 
 
 def _read_annotations(uri: str, config: BuildDataConfig) -> Iterable[dict[str, Any]]:
-    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
+    location = config.locate(uri)
     files = [f for f in storage.list_files(location) if f.path.endswith(".parquet")]
     if not files:
         raise UserError(f"no .parquet annotation files in {uri}: give the output of `uniner annotate`")
@@ -202,37 +178,8 @@ def from_annotations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str, 
 # ---------------------------------------------------------------- conversation files
 
 
-def check_conversation(record: Any, where: str, counts: Counter) -> dict[str, Any] | None:
-    """Validate one record of the Pile-NER shape. Unanswered trailing questions are dropped (a counted repair);
-    a record with no question left is skipped (counted); anything else malformed is a UserError naming it."""
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or "id" not in record:
-        raise UserError(f"{where}: expected {{\"id\": ..., \"conversations\": [{{\"from\", \"value\"}}, ...]}}")
-    turns = record["conversations"]
-    for index, turn in enumerate(turns):
-        expected = "human" if index % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
-            raise UserError(f"{where}: turn {index} must be {{\"from\": \"{expected}\", \"value\": <string>}} "
-                            "(turns alternate human, gpt)")
-    if not turns or not _TEXT_TURN.match(turns[0]["value"]):
-        raise UserError(f"{where}: the first turn must be the text (`Text: ...`, or `Dataset: NAME` then `Text: ...`)")
-    for index in range(3, len(turns), 2):
-        try:
-            answer = json.loads(turns[index]["value"])
-        except json.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, list) or not all(isinstance(a, str) for a in answer):
-            raise UserError(f"{where}: answer in turn {index} is not a JSON list of strings: {turns[index]['value'][:80]!r}")
-    if len(turns) % 2:
-        counts["repairs: unanswered last question dropped"] += 1
-        record = {**record, "conversations": turns[:-1]}
-    if len(record["conversations"]) < 4:
-        counts["records skipped: no question with an answer"] += 1
-        return None
-    return record
-
-
 def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
+    location = config.locate(uri)
     counts: Counter = Counter()
     records, mentions = [], Counter()
     for where, raw in storage.read_json_records(location):
@@ -241,7 +188,7 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
             continue
         turns = record["conversations"]
         for index in range(2, len(turns), 2):
-            entity_type = turns[index]["value"].removeprefix("What describes ").removesuffix(" in the text?")
+            entity_type = question_type(turns[index]["value"])
             mentions[entity_type] += len(json.loads(turns[index + 1]["value"]))
         records.append(record)
     mentions = +mentions  # types only ever answered [] have no mention
@@ -251,27 +198,12 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
 # ---------------------------------------------------------------- BIO files
 
 
-def dataset_name_of(uri: str) -> str:
-    """A BIO file's dataset name: its folder and stem (`crossner/ai/dev.txt` -> `ai-dev`)."""
-    path = PurePosixPath(uri.rstrip("/"))
-    return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
-
-
 def bio_files(uri: str, config: BuildDataConfig) -> list[storage.Location]:
-    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
+    location = config.locate(uri)
     files = [f for f in storage.list_files(location) if f.path.endswith(BIO_SUFFIXES)]
     if not files:
         raise UserError(f"no BIO files ({', '.join(BIO_SUFFIXES)}) at {uri}")
     return files
-
-
-def eval_queries(data: bio.BioFile, name: str) -> list[dict[str, Any]]:
-    """The UniNER evaluation shape: one conversation per (sentence, type), the gold list as the last answer."""
-    return [
-        conversation(f"{name}-{s}-{t}", sentence.text, [(entity_type, bio.entities_of_type(sentence, entity_type))])
-        for s, sentence in enumerate(data.sentences)
-        for t, entity_type in enumerate(data.types)
-    ]
 
 
 def from_bio(uri: str, config: BuildDataConfig) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
@@ -282,8 +214,12 @@ def from_bio(uri: str, config: BuildDataConfig) -> tuple[dict[str, list[dict[str
     counts: Counter = Counter()
     mentions: Counter = Counter()
     for location in bio_files(uri, config):
-        data = bio.read_bio(str(location), column_order=config.bio_column_order, label_map=label_map,
-                            s3_endpoint_url=config.s3_endpoint_url)
+        data = bio.read_bio(
+            str(location),
+            column_order=config.bio_column_order,
+            label_map=label_map,
+            s3_endpoint_url=config.s3_endpoint_url,
+        )
         name = dataset_name_of(str(location))
         counts.update({f"repairs: {name}: {what}": n for what, n in data.repairs.items()})
         mentions.update(e.type for s in data.sentences for e in s.entities)
@@ -299,7 +235,48 @@ def from_bio(uri: str, config: BuildDataConfig) -> tuple[dict[str, list[dict[str
     return outputs, {"counts": dict(counts), "statistics": {"records": records_written, **type_statistics(mentions)}}
 
 
+# ---------------------------------------------------------------- forms people write
+
+TYPE_FORMS = (
+    lambda t: t[:1].upper() + t[1:],  # Capitalised
+    lambda t: " ".join(w[:1].upper() + w[1:] for w in t.split(" ")),  # Title Case
+    str.upper,
+    lambda t: t.replace(" ", "_"),
+)
+
+
+def vary_forms(record: dict[str, Any], *, type_forms: bool, lowercase_share: float, seed: int) -> dict[str, Any]:
+    """The record with its types asked in the forms people write and, for a seeded share of records, its text and
+    answers lower-cased: users ask for `Restaurant Name` or `PERSON`, and query logs are lower case, while teacher
+    labels are mostly lower-case types over edited text. The draws depend only on (seed, record id)."""
+    rng = np.random.default_rng([seed, _stable_int(f"forms:{record['id']}")])
+    lower = rng.random() < lowercase_share
+    turns = [dict(turn) for turn in record["conversations"]]
+    if lower:
+        prefix, _, text = turns[0]["value"].partition("Text: ")
+        turns[0]["value"] = f"{prefix}Text: {text.lower()}"
+    for index in range(2, len(turns), 2):
+        if type_forms and rng.random() < 0.5:
+            form = TYPE_FORMS[rng.integers(len(TYPE_FORMS))]
+            turns[index]["value"] = question(form(question_type(turns[index]["value"])))
+        if lower:
+            turns[index + 1]["value"] = bio.answer([e.lower() for e in json.loads(turns[index + 1]["value"])])
+    return {**record, "conversations": turns}
+
+
 # ---------------------------------------------------------------- the stage
+
+
+def heldout_texts(config: BuildDataConfig) -> set[str]:
+    """The texts of --holdout's conversation files."""
+    texts = set()
+    for uri in config.holdout:
+        location = config.locate(uri)
+        for where, record in storage.read_json_records(location):
+            checked = check_conversation(record, where, Counter())
+            if checked is not None:
+                texts.add(text_of(checked))
+    return texts
 
 
 def input_kind(uri: str, config: BuildDataConfig) -> str:
@@ -310,7 +287,7 @@ def input_kind(uri: str, config: BuildDataConfig) -> str:
         return "conversations"
     if path.endswith(BIO_SUFFIXES) or any(ch in path for ch in "*?["):
         return "bio"
-    location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
+    location = config.locate(uri)
     names = [f.path for f in storage.list_files(location)]
     if any(n.endswith(".parquet") for n in names):
         return "annotations"
@@ -348,25 +325,40 @@ def plan(config: BuildDataConfig) -> list[str]:
         kind = input_kind(uri, config)
         lines.append(f"read {kind} from {uri}")
         if kind == "annotations":
-            lines.append(f"  one question per entity type present, plus {config.negatives_per_passage} negative types "
-                         f"per passage drawn by type frequency (seed {config.seed})")
+            lines.append(
+                f"  one question per entity type present, plus {config.negatives_per_passage} negative types "
+                f"per passage drawn by type frequency (seed {config.seed})"
+            )
         elif kind == "bio":
             lines.append(f"  {len(bio_files(uri, config))} BIO file(s), columns {config.bio_column_order}")
+    if config.holdout:
+        lines.append(f"leave out records whose text is in {', '.join(config.holdout)}")
+    if config.type_forms or config.lowercase_share:
+        lines.append(
+            f"ask types in varied forms: {config.type_forms}; lower-case {config.lowercase_share:.0%} of records"
+        )
     target = "<dataset>.json evaluation queries" if config.eval_queries else CONVERSATIONS_FILE
     return lines + [f"write {target} and _summary.json to {config.output}"]
 
 
 def run(config: BuildDataConfig) -> dict[str, Any]:
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     storage.prepare_output(output, overwrite=config.overwrite)
     outputs: dict[str, list[dict[str, Any]]] = {}
     reports = []
+    heldout = heldout_texts(config)
     for index, uri in enumerate(config.input):
         built, report = build(uri, config)
+        if heldout:
+            before = sum(map(len, built.values()))
+            built = {name: [r for r in records if text_of(r) not in heldout] for name, records in built.items()}
+            report["counts"]["records held out by --holdout"] = before - sum(map(len, built.values()))
         if config.input_shares and config.input_shares[index] < 1:  # statistics stay those of the whole input
             before = sum(map(len, built.values()))
-            built = {name: keep_share(records, config.input_shares[index], seed=config.seed, key=uri)
-                     for name, records in built.items()}
+            built = {
+                name: keep_share(records, config.input_shares[index], seed=config.seed, key=uri)
+                for name, records in built.items()
+            }
             report["counts"]["records left out by --input-shares"] = before - sum(map(len, built.values()))
         for name, records in built.items():
             outputs.setdefault(name, []).extend(records)
@@ -374,16 +366,32 @@ def run(config: BuildDataConfig) -> dict[str, Any]:
         log.info("%s (%s): %d records", uri, report["input_kind"], sum(len(r) for r in built.values()))
     if not any(outputs.values()):
         skipped = "; ".join(f"{what} {n}" for report in reports for what, n in report["counts"].items())
-        raise UserError(f"no conversation could be built from {', '.join(config.input)} ({skipped or 'no records'}): "
-                        "check the input, or keep entities the teacher placed outside their passage with "
-                        "--drop-entities-not-in-text false")
+        raise UserError(
+            f"no conversation could be built from {', '.join(config.input)} ({skipped or 'no records'}): "
+            "check the input, or keep entities the teacher placed outside their passage with "
+            "--drop-entities-not-in-text false"
+        )
+    if config.type_forms or config.lowercase_share:
+        outputs = {
+            name: [
+                vary_forms(r, type_forms=config.type_forms, lowercase_share=config.lowercase_share, seed=config.seed)
+                for r in records
+            ]
+            if name == CONVERSATIONS_FILE
+            else records
+            for name, records in outputs.items()
+        }
     for name, records in outputs.items():
         storage.write_text(output.join(name), dump_records(records))
         log.info("wrote %d records to %s", len(records), output.join(name))
-    summary = {"output": str(output), "files": {name: len(records) for name, records in outputs.items()},
-               "records_written": sum(len(records) for records in outputs.values()), "inputs": reports,
-               "config": to_dict(config)}
-    storage.write_json(output.join("_summary.json"), summary)
+    summary = {
+        "output": str(output),
+        "files": {name: len(records) for name, records in outputs.items()},
+        "records_written": sum(len(records) for records in outputs.values()),
+        "inputs": reports,
+        "config": to_dict(config),
+    }
+    storage.write_json(output.join(storage.SUMMARY_FILE), summary)
     return summary
 
 
@@ -391,9 +399,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"{n} records -> {summary['output']}/{name}" for name, n in summary["files"].items()]
     for report in summary["inputs"]:
         stats = report["statistics"]
-        lines.append(f"{report['input']} ({report['input_kind']}): {stats['entities']} entities of {stats['types']} "
-                     f"types; {stats['types_seen_once']} types seen once; the top 1% of types hold "
-                     f"{stats['top_1pct_types_mention_share']:.1%} of mentions")
+        lines.append(
+            f"{report['input']} ({report['input_kind']}): {stats['entities']} entities of {stats['types']} "
+            f"types; {stats['types_seen_once']} types seen once; the top 1% of types hold "
+            f"{stats['top_1pct_types_mention_share']:.1%} of mentions"
+        )
         if stats["head"]:
             lines.append("  most frequent types: " + ", ".join(f"{t} ({n})" for t, n in stats["head"]))
         lines.extend(f"  {what}: {n}" for what, n in sorted(report["counts"].items()))

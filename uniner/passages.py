@@ -26,7 +26,15 @@ import pyarrow.parquet as pq
 from uniner import storage
 from uniner.chunking import Chunker
 from uniner.config import PassagesConfig, to_dict
-from uniner.documents import Document, ReaderSettings, detect_format, document_files, file_size, read_documents, relative_names
+from uniner.documents import (
+    Document,
+    ReaderSettings,
+    detect_format,
+    document_files,
+    file_size,
+    read_documents,
+    relative_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,6 @@ STAGING_SCHEMA = pa.schema(
     ]
 )
 REJECT_COLUMNS = ["source", "doc_id", "passage_id", "char_start", "char_end", "reason", "detail", "text"]
-SUMMARY_FILE = "_summary.json"
 REJECTS_DIR = "_rejects"
 WORK_DIR = "_work"
 ROWS_PER_GROUP = 2048
@@ -81,25 +88,40 @@ class FilePassages:
         self.filesystem = filesystem
         self.staging = staging
         self.settings = ReaderSettings(config.input_format, config.text_field, config.id_field)
-        self.chunker = Chunker(load_tokenizer(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url), config.max_tokens)
+        self.chunker = Chunker(
+            load_tokenizer(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url), config.max_tokens
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        tallies = [self._file(storage.Location(str(uri), self.filesystem, str(path)), str(relative), int(index))
-                   for uri, path, relative, index in zip(batch["uri"], batch["path"], batch["relative"], batch["index"])]
+        tallies = [
+            self._file(storage.Location(str(uri), self.filesystem, str(path)), str(relative), int(index))
+            for uri, path, relative, index in zip(batch["uri"], batch["path"], batch["relative"], batch["index"])
+        ]
         return {key: [t[key] for t in tallies] for key in tallies[0]}
 
     def _file(self, location: storage.Location, relative: str, file_index: int) -> dict[str, Any]:
         tally = {"index": file_index, "documents": 0, "candidates": 0, "forced_cuts": 0, "rejects": {}}
         target = self.staging.join(staging_name(file_index))
         rows: list[dict[str, Any]] = []
-        with self.staging.fs.open_output_stream(target.path) as stream, pq.ParquetWriter(stream, STAGING_SCHEMA) as writer:
+        with (
+            self.staging.fs.open_output_stream(target.path) as stream,
+            pq.ParquetWriter(stream, STAGING_SCHEMA) as writer,
+        ):
             for item in read_documents(location, relative, self.settings):
                 if isinstance(item, Document):
                     tally["documents"] += 1
                     rows.extend(self._passages(item, tally))
                 else:
-                    rows.append({"kind": "reject", "doc_id": item.doc_id, "source": item.source, "reason": item.reason,
-                                 "detail": item.detail, "text": item.preview})
+                    rows.append(
+                        {
+                            "kind": "reject",
+                            "doc_id": item.doc_id,
+                            "source": item.source,
+                            "reason": item.reason,
+                            "detail": item.detail,
+                            "text": item.preview,
+                        }
+                    )
                     tally["rejects"][item.reason] = tally["rejects"].get(item.reason, 0) + 1
                 if len(rows) >= ROWS_PER_GROUP:
                     writer.write_table(pa.Table.from_pylist(rows, schema=STAGING_SCHEMA))
@@ -113,15 +135,27 @@ class FilePassages:
             text = document.text[span.start : span.end]
             pid = passage_id(document.doc_id, span.start)
             tally["forced_cuts"] += span.forced
-            row = {"passage_id": pid, "doc_id": document.doc_id, "text": text, "char_start": span.start,
-                   "char_end": span.end, "n_tokens": span.n_tokens, "source": document.source}
+            row = {
+                "passage_id": pid,
+                "doc_id": document.doc_id,
+                "text": text,
+                "char_start": span.start,
+                "char_end": span.end,
+                "n_tokens": span.n_tokens,
+                "source": document.source,
+            }
             if span.n_tokens < self.config.min_tokens:
                 detail = f"{span.n_tokens} tokens, fewer than --min-tokens {self.config.min_tokens}"
                 tally["rejects"]["too_short"] = tally["rejects"].get("too_short", 0) + 1
                 yield {**row, "kind": "reject", "reason": "too_short", "detail": detail}
             else:
                 tally["candidates"] += 1
-                yield {**row, "kind": "passage", "dedup_key": dedup_key(text), "sample_key": sample_key(self.config.seed, pid)}
+                yield {
+                    **row,
+                    "kind": "passage",
+                    "dedup_key": dedup_key(text),
+                    "sample_key": sample_key(self.config.seed, pid),
+                }
 
 
 def staging_name(file_index: int) -> str:
@@ -162,11 +196,15 @@ def find_duplicates(files: list[storage.Location]) -> tuple[list[dict[int, str]]
     return per_file, (np.concatenate(sample_keys) if sample_keys else np.array([], np.uint64))[kept]
 
 
-def _passage_ids(files: list[storage.Location], file_indexes: np.ndarray, row_indexes: np.ndarray) -> dict[tuple[int, int], str]:
+def _passage_ids(
+    files: list[storage.Location], file_indexes: np.ndarray, row_indexes: np.ndarray
+) -> dict[tuple[int, int], str]:
     ids: dict[tuple[int, int], str] = {}
     for file_index in np.unique(file_indexes):
         wanted = row_indexes[file_indexes == file_index]
-        column = pq.read_table(files[file_index].path, filesystem=files[file_index].fs, columns=["passage_id"])["passage_id"]
+        column = pq.read_table(files[file_index].path, filesystem=files[file_index].fs, columns=["passage_id"])[
+            "passage_id"
+        ]
         ids.update({(int(file_index), int(r)): pid for r, pid in zip(wanted, column.take(wanted).to_pylist())})
     return ids
 
@@ -178,8 +216,9 @@ def sample_threshold(sample_keys: np.ndarray, n: int) -> int | None:
     return int(np.partition(sample_keys, n - 1)[n - 1])
 
 
-def finalize(staging: storage.Location, output: storage.Location, name: str, duplicate_of: dict[int, str],
-             threshold: int | None) -> int:
+def finalize(
+    staging: storage.Location, output: storage.Location, name: str, duplicate_of: dict[int, str], threshold: int | None
+) -> int:
     """Write one staging file's passages (those kept and sampled) and rejects (its own and its duplicates)."""
     table = pq.read_table(staging.path, filesystem=staging.fs)
     is_passage = pc.equal(table["kind"], "passage").to_numpy(zero_copy_only=False)
@@ -187,15 +226,35 @@ def finalize(staging: storage.Location, output: storage.Location, name: str, dup
     duplicate[list(duplicate_of)] = True
     sampled = np.ones(table.num_rows, bool)
     if threshold is not None:
-        sampled = pc.fill_null(pc.less_equal(table["sample_key"], pa.scalar(threshold, pa.uint64())), False).to_numpy(zero_copy_only=False)
+        sampled = pc.fill_null(pc.less_equal(table["sample_key"], pa.scalar(threshold, pa.uint64())), False).to_numpy(
+            zero_copy_only=False
+        )
     passages = table.filter(is_passage & ~duplicate & sampled).select(PASSAGE_COLUMNS)
     rejects = table.filter(~is_passage | duplicate)
     if duplicate_of:
         rows = np.flatnonzero(~is_passage | duplicate)
-        rejects = rejects.set_column(rejects.schema.get_field_index("reason"), "reason",
-                                     pa.array(["duplicate" if r in duplicate_of else reason for r, reason in zip(rows, rejects["reason"].to_pylist())], pa.string()))
-        rejects = rejects.set_column(rejects.schema.get_field_index("detail"), "detail",
-                                     pa.array([f"same text as passage {duplicate_of[r]}" if r in duplicate_of else detail for r, detail in zip(rows, rejects["detail"].to_pylist())], pa.string()))
+        rejects = rejects.set_column(
+            rejects.schema.get_field_index("reason"),
+            "reason",
+            pa.array(
+                [
+                    "duplicate" if r in duplicate_of else reason
+                    for r, reason in zip(rows, rejects["reason"].to_pylist())
+                ],
+                pa.string(),
+            ),
+        )
+        rejects = rejects.set_column(
+            rejects.schema.get_field_index("detail"),
+            "detail",
+            pa.array(
+                [
+                    f"same text as passage {duplicate_of[r]}" if r in duplicate_of else detail
+                    for r, detail in zip(rows, rejects["detail"].to_pylist())
+                ],
+                pa.string(),
+            ),
+        )
     if passages.num_rows:
         pq.write_table(passages, output.join(name).path, filesystem=output.fs)
     if rejects.num_rows:
@@ -214,10 +273,13 @@ def plan(config: PassagesConfig) -> list[str]:
     total_mb = sum(file_size(f) for f in files) / 1e6
     sample = f"sample {config.sample_size} passages (seed {config.seed})" if config.sample_size else "keep all passages"
     return [
-        f"read {len(files)} files ({total_mb:.1f} MB): " + ", ".join(f"{n} {name}" for name, n in sorted(formats.items())),
-        f"chunk to at most {config.max_tokens} tokens of {config.tokenizer}, drop passages under {config.min_tokens} tokens",
+        f"read {len(files)} files ({total_mb:.1f} MB): "
+        + ", ".join(f"{n} {name}" for name, n in sorted(formats.items())),
+        f"chunk to at most {config.max_tokens} tokens of {config.tokenizer}, "
+        f"drop passages under {config.min_tokens} tokens",
         ("deduplicate by normalized text, then " if config.dedup else "no deduplication, then ") + sample,
-        f"write passages to {config.output} (Parquet), rejects to {config.output}/{REJECTS_DIR}, summary to {config.output}/{SUMMARY_FILE}",
+        f"write passages to {config.output} (Parquet), rejects to {config.output}/{REJECTS_DIR}, "
+        f"summary to {config.output}/{storage.SUMMARY_FILE}",
     ]
 
 
@@ -229,7 +291,7 @@ def run(config: PassagesConfig) -> dict[str, Any]:
     from uniner.session import cluster_cpus, init_ray
 
     started = time.time()
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     resolve_model(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url)  # fetch once here, not in every actor
     files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
     storage.prepare_output(output, overwrite=config.overwrite)
@@ -237,7 +299,10 @@ def run(config: PassagesConfig) -> dict[str, Any]:
     workers = max(1, min(config.num_workers or cluster_cpus(), len(files)))
     log.info("passages: %d files -> %s with %d reader actors", len(files), output, workers)
 
-    items = [{"uri": f.uri, "path": f.path, "relative": rel, "index": i} for i, (f, rel) in enumerate(zip(files, relative_names(files)))]
+    items = [
+        {"uri": f.uri, "path": f.path, "relative": rel, "index": i}
+        for i, (f, rel) in enumerate(zip(files, relative_names(files)))
+    ]
     staging = output.join(WORK_DIR, "staging")
     with storage.storage_errors("write", staging):
         staging.fs.create_dir(staging.path, recursive=True)
@@ -245,8 +310,13 @@ def run(config: PassagesConfig) -> dict[str, Any]:
         # actors cannot starve later tasks.
         tallies = (
             ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(FilePassages, fn_constructor_kwargs={"config": config, "filesystem": files[0].fs, "staging": staging},
-                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+            .map_batches(
+                FilePassages,
+                fn_constructor_kwargs={"config": config, "filesystem": files[0].fs, "staging": staging},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=1,
+            )
             .take_all()
         )
     counts = _counts(tallies)
@@ -256,14 +326,28 @@ def run(config: PassagesConfig) -> dict[str, Any]:
         duplicate_of, sample_keys = find_duplicates(staged)
     else:
         duplicate_of = [{} for _ in staged]
-        sample_keys = np.concatenate([pq.read_table(f.path, filesystem=f.fs, columns=["sample_key"], filters=[("kind", "=", "passage")])["sample_key"].to_numpy() for f in staged] or [np.array([], np.uint64)])
+        sample_keys = np.concatenate(
+            [
+                pq.read_table(f.path, filesystem=f.fs, columns=["sample_key"], filters=[("kind", "=", "passage")])[
+                    "sample_key"
+                ].to_numpy()
+                for f in staged
+            ]
+            or [np.array([], np.uint64)]
+        )
     threshold = sample_threshold(sample_keys, config.sample_size)
     log.info("passages: writing passages and rejects")
     write = ray.remote(num_cpus=1)(finalize)
     with storage.storage_errors("write", output):
         output.fs.create_dir(output.join(REJECTS_DIR).path, recursive=True)
-        written = sum(ray.get([write.remote(file, output, f"part-{i:09d}.parquet", duplicates, threshold)
-                               for i, (file, duplicates) in enumerate(zip(staged, duplicate_of))]))
+        written = sum(
+            ray.get(
+                [
+                    write.remote(file, output, f"part-{i:09d}.parquet", duplicates, threshold)
+                    for i, (file, duplicates) in enumerate(zip(staged, duplicate_of))
+                ]
+            )
+        )
     counts["dropped"]["duplicate"] = sum(len(d) for d in duplicate_of)
     unique = counts["candidates"] - counts["dropped"]["duplicate"]
     summary = {
@@ -281,7 +365,7 @@ def run(config: PassagesConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
         "config": to_dict(config),
     }
-    storage.write_json(output.join(SUMMARY_FILE), summary)
+    storage.write_json(output.join(storage.SUMMARY_FILE), summary)
     storage.delete_tree(output.join(WORK_DIR))
     return summary
 
@@ -301,8 +385,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return [
         f"files read:        {summary['files']}",
         f"documents read:    {summary['documents_read']}",
-        f"passages written:  {summary['passages_written']} (of {summary['candidate_passages']} candidates; {summary['not_sampled']} not sampled)",
+        f"passages written:  {summary['passages_written']} (of {summary['candidate_passages']} candidates; "
+        f"{summary['not_sampled']} not sampled)",
         f"dropped by reason: {dropped}",
         f"forced cuts inside over-long words: {summary['forced_cuts']}",
-        f"took {summary['seconds']} s; rejects in {summary['output']}/{REJECTS_DIR}, summary in {summary['output']}/{SUMMARY_FILE}",
+        f"took {summary['seconds']} s; rejects in {summary['output']}/{REJECTS_DIR}, "
+        f"summary in {summary['output']}/{storage.SUMMARY_FILE}",
     ]

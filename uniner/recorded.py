@@ -22,6 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RECORDING = "pile_ner_sample/recorded.jsonl"
+HELDOUT = "pile_ner_sample/pile-ner-heldout.json"
 TEACHER = "RECORDED:gpt-3.5-turbo-0301 (Pile-NER-type)"
 UNKNOWN = "I'm sorry, but I cannot answer: this recorded teacher holds no answer for this passage."
 
@@ -30,6 +31,12 @@ def recorded_passages() -> list[dict[str, Any]]:
     """The shipped recording: `{"id", "text", "entities": [[text, type], ...]}` per passage."""
     text = resources.files("uniner.data").joinpath(RECORDING).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def heldout_texts() -> set[str]:
+    """The passages of the held-out evaluation queries."""
+    queries = json.loads(resources.files("uniner.data").joinpath(HELDOUT).read_text(encoding="utf-8"))
+    return {query["conversations"][0]["value"].removeprefix("Text: ") for query in queries}
 
 
 def answer_for(passage: str, recording: list[dict[str, Any]]) -> str:
@@ -66,13 +73,23 @@ def _handler(recording: list[dict[str, Any]]) -> type[BaseHTTPRequestHandler]:
             prompt = (body.get("messages") or [{}])[-1].get("content", "")
             passage = prompt.split("Passage: ", 1)[-1]
             content = answer_for(passage, recording)
-            reply = json.dumps({
-                "id": "recorded", "object": "chat.completion", "created": 0, "model": body.get("model", TEACHER),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                # The recording kept no token counts: the chars/4 rule, as the stage's own estimates use.
-                "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(content) // 4,
-                          "total_tokens": (len(prompt) + len(content)) // 4},
-            }).encode()
+            reply = json.dumps(
+                {
+                    "id": "recorded",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body.get("model", TEACHER),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                    ],
+                    # The recording kept no token counts: the chars/4 rule, as the stage's own estimates use.
+                    "usage": {
+                        "prompt_tokens": len(prompt) // 4,
+                        "completion_tokens": len(content) // 4,
+                        "total_tokens": (len(prompt) + len(content)) // 4,
+                    },
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(reply)))
@@ -82,25 +99,39 @@ def _handler(recording: list[dict[str, Any]]) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def build_recording(source: str, target: str, *, passages: int = 300) -> None:
+def build_recording(source: str, folder: str, *, passages: int = 300, heldout: int = 40) -> None:
     """Write the shipped recording from Pile-NER-type conversations (`{id, conversations}` with one question per
-    type): the first `passages` records, in id order, with at least one entity."""
+    type): the first `passages` records, in id order, with at least one entity, as `recorded.jsonl`; and the last
+    `heldout` of them as `pile-ner-heldout.json`, evaluation queries (one per passage and asked type, the teacher's
+    answer as the reference, `[]` included) that the demo evaluates on and never trains on."""
     records = sorted(json.loads(open(source, encoding="utf-8").read()), key=lambda r: r["id"])
-    lines = []
+    kept = []
     for record in records:
         turns = [turn["value"] for turn in record["conversations"]]
-        entities = [[entity, turns[i].removeprefix("What describes ").removesuffix(" in the text?")]
-                    for i in range(2, len(turns) - 1, 2) for entity in json.loads(turns[i + 1])]
+        entities = [
+            [entity, turns[i].removeprefix("What describes ").removesuffix(" in the text?")]
+            for i in range(2, len(turns) - 1, 2)
+            for entity in json.loads(turns[i + 1])
+        ]
         if entities:
-            lines.append(json.dumps({"id": record["id"], "text": turns[0].removeprefix("Text: "),
-                                     "entities": entities}, ensure_ascii=False))
-        if len(lines) == passages:
+            kept.append((record, {"id": record["id"], "text": turns[0].removeprefix("Text: "), "entities": entities}))
+        if len(kept) == passages:
             break
-    with open(target, "w", encoding="utf-8") as out:
-        out.write("\n".join(lines) + "\n")
+    with open(f"{folder}/recorded.jsonl", "w", encoding="utf-8") as out:
+        out.write("\n".join(json.dumps(line, ensure_ascii=False) for _, line in kept) + "\n")
+    queries = [
+        {
+            "id": f"{record['id']}-{index // 2 - 1}",
+            "conversations": record["conversations"][:2] + record["conversations"][index : index + 2],
+        }
+        for record, _ in kept[-heldout:]
+        for index in range(2, len(record["conversations"]) - 1, 2)
+    ]
+    with open(f"{folder}/{HELDOUT.rsplit('/', 1)[1]}", "w", encoding="utf-8") as out:
+        out.write("[\n" + ",\n".join(json.dumps(q, ensure_ascii=False) for q in queries) + "\n]\n")
 
 
-if __name__ == "__main__":  # python -m uniner.recorded PILE_NER_TYPE.json uniner/data/pile_ner_sample/recorded.jsonl
+if __name__ == "__main__":  # python -m uniner.recorded PILE_NER_TYPE.json uniner/data/pile_ner_sample
     import sys
 
     build_recording(sys.argv[1], sys.argv[2])

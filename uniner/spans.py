@@ -37,7 +37,13 @@ def _pattern(entity: str, case_sensitive: bool) -> re.Pattern[str]:
 
 
 def find_spans(
-    text: str, entity: str, *, case_sensitive: bool = True, whole_words: bool = True, start: int = 0, end: int | None = None
+    text: str,
+    entity: str,
+    *,
+    case_sensitive: bool = True,
+    whole_words: bool = True,
+    start: int = 0,
+    end: int | None = None,
 ) -> list[tuple[int, int]]:
     """Every (start, end) where `entity` occurs in text[start:end], as offsets into `text`.
 
@@ -61,7 +67,13 @@ def find_spans(
 
 
 def locate(
-    text: str, answers: Iterable[tuple[str, str]], *, case_sensitive: bool = True, whole_words: bool = True, start: int = 0, end: int | None = None
+    text: str,
+    answers: Iterable[tuple[str, str]],
+    *,
+    case_sensitive: bool = True,
+    whole_words: bool = True,
+    start: int = 0,
+    end: int | None = None,
 ) -> tuple[list[Entity], list[dict]]:
     """Spans of (entity string, type) answers within text[start:end]; and the answers found nowhere there."""
     entities, unmatched = [], []
@@ -165,7 +177,10 @@ def to_gliner(doc_id: str, text: str, entities: list[Entity]) -> str:
         inside = _covered(starts, ends, entity)
         if inside:
             ner.append([inside[0], inside[-1], entity["type"]])
-    return json.dumps({"id": doc_id, "tokenized_text": [text[s:e] for s, e in spans], "ner": ner}, ensure_ascii=False) + "\n"
+    return (
+        json.dumps({"id": doc_id, "tokenized_text": [text[s:e] for s, e in spans], "ner": ner}, ensure_ascii=False)
+        + "\n"
+    )
 
 
 EXPORTS = {"conll": ("conll.txt", to_conll), "spacy": ("spacy.jsonl", to_spacy), "gliner": ("gliner.jsonl", to_gliner)}
@@ -177,21 +192,26 @@ HTML_FILE = "entities.html"
 PALETTE = ["#f6c89f", "#a6d8f5", "#9fe0c9", "#f9ec9a", "#b7cdea", "#f0b8a0", "#e3bcd4", "#d9d9d9"]
 
 
-def html_page(documents: list[tuple[str, str, list[Entity]]], *, counts: dict[str, int], total_documents: int,
-              title: str) -> str:
+def html_page(
+    documents: list[tuple[str, str, list[Entity]]], *, counts: dict[str, int], total_documents: int, title: str
+) -> str:
     """A self-contained page: a legend with the count of each type over every document, then `documents`
     (doc_id, text, entities) with each entity highlighted in its type's colour (overlaps: longest first)."""
     types = sorted(counts, key=lambda t: (-counts[t], t))
     colour = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(types)}
-    legend = "".join(f'<li><mark style="background:{colour[t]}">{html.escape(t)}</mark> {counts[t]}</li>' for t in types)
+    legend = "".join(
+        f'<li><mark style="background:{colour[t]}">{html.escape(t)}</mark> {counts[t]}</li>' for t in types
+    )
     shown = "" if len(documents) == total_documents else f" ({len(documents)} shown)"
-    body = "".join(f"<article><h2>{html.escape(doc_id)}</h2><p>{_highlighted(text, entities, colour)}</p></article>"
-                   for doc_id, text, entities in documents)
+    body = "".join(
+        f"<article><h2>{html.escape(doc_id)}</h2><p>{_highlighted(text, entities, colour)}</p></article>"
+        for doc_id, text, entities in documents
+    )
     return (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>"
         f"<header><h1>{html.escape(title)}</h1><p>{sum(counts.values())} entities in {total_documents} documents"
-        f"{shown}</p><ul class=\"legend\">{legend}</ul></header><main>{body}</main></body></html>\n"
+        f'{shown}</p><ul class="legend">{legend}</ul></header><main>{body}</main></body></html>\n'
     )
 
 
@@ -200,8 +220,10 @@ def _highlighted(text: str, entities: list[Entity], colour: dict[str, str]) -> s
     for entity in non_overlapping(entities):
         start, end, kind = entity["start"], entity["end"], entity["type"]
         parts.append(html.escape(text[at:start]))
-        parts.append(f'<mark style="background:{colour.get(kind, PALETTE[-1])}" title="{html.escape(kind)}">'
-                     f"{html.escape(text[start:end])}<span>{html.escape(kind)}</span></mark>")
+        parts.append(
+            f'<mark style="background:{colour.get(kind, PALETTE[-1])}" title="{html.escape(kind)}">'
+            f"{html.escape(text[start:end])}<span>{html.escape(kind)}</span></mark>"
+        )
         at = end
     parts.append(html.escape(text[at:]))
     return "".join(parts)

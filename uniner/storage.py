@@ -24,6 +24,8 @@ import pyarrow.fs as pafs
 from uniner.errors import UserError
 
 GLOB_CHARS = re.compile(r"[*?\[]")
+# A stage writes it last into its output: its presence means the stage finished (resume and the pipeline rely on it).
+SUMMARY_FILE = "_summary.json"
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,12 @@ def _reason(error: BaseException) -> tuple[str, str]:
         return "the bucket does not exist", "create it or fix the bucket name"
     if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text or isinstance(error, PermissionError):
         return "access denied", "check the credentials (boto3's default chain) and permissions"
-    if isinstance(error, FileNotFoundError) or "No such file" in text or "NoSuchKey" in text or "Path does not exist" in text:
+    if (
+        isinstance(error, FileNotFoundError)
+        or "No such file" in text
+        or "NoSuchKey" in text
+        or "Path does not exist" in text
+    ):
         return "it does not exist", "check the path"
     return text[:300], "check the location and the storage settings"
 
@@ -188,7 +195,9 @@ def list_files(location: Location) -> list[Location]:
     matches; sorted by path. A location that names nothing is a UserError."""
     match = GLOB_CHARS.search(location.path)
     base_path = location.path if match is None else location.path[: match.start()].rsplit("/", 1)[0]
-    base_uri = location.uri if match is None else location.uri[: len(location.uri) - len(location.path) + len(base_path)]
+    base_uri = (
+        location.uri if match is None else location.uri[: len(location.uri) - len(location.path) + len(base_path)]
+    )
     with storage_errors("list", location):
         base_info = location.fs.get_file_info(base_path)
         if base_info.type == pafs.FileType.File and match is None:
@@ -239,7 +248,9 @@ def read_json(location: Location) -> Any:
     try:
         return json.loads(read_text(location))
     except json.JSONDecodeError as error:
-        raise UserError(f"{location} is not valid JSON (line {error.lineno}: {error.msg}): fix or regenerate it") from None
+        raise UserError(
+            f"{location} is not valid JSON (line {error.lineno}: {error.msg}): fix or regenerate it"
+        ) from None
 
 
 def read_json_records(location: Location, *, lines: bool | None = None) -> list[tuple[str, Any]]:
@@ -255,14 +266,18 @@ def read_json_records(location: Location, *, lines: bool | None = None) -> list[
             try:
                 records.append((f"{location}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                raise UserError(f"{location}:{number}: not valid JSON ({error.msg} at column {error.colno}): fix or "
-                                "remove that line") from None
+                raise UserError(
+                    f"{location}:{number}: not valid JSON ({error.msg} at column {error.colno}): fix or "
+                    "remove that line"
+                ) from None
         return records
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise UserError(f"{location}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}): fix that "
-                        "line, or write one record per line as .jsonl") from None
+        raise UserError(
+            f"{location}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}): fix that "
+            "line, or write one record per line as .jsonl"
+        ) from None
     if not isinstance(value, list):
         raise UserError(f"{location}: expected a JSON list of records, found a JSON {type(value).__name__}")
     return [(f"{location} record {index}", record) for index, record in enumerate(value, start=1)]
@@ -292,7 +307,9 @@ def prepare_output(location: Location, *, overwrite: bool) -> None:
         # Only `_` work files and no summary: what an interrupted run of a stage leaves; nothing to keep.
         leftovers = bool(names) and all(n.startswith("_") for n in names) and "_summary.json" not in names
         if names and not (overwrite or leftovers):
-            raise UserError(f"output {location} already holds files: pass --overwrite to replace them, or choose another")
+            raise UserError(
+                f"output {location} already holds files: pass --overwrite to replace them, or choose another"
+            )
         if names:
             location.fs.delete_dir_contents(location.path)
         location.fs.create_dir(location.path, recursive=True)
@@ -307,10 +324,14 @@ def prepare_output(location: Location, *, overwrite: bool) -> None:
 def download_tree(location: Location, local_dir: str) -> None:
     """Copy every file under `location` into `local_dir`, keeping relative paths."""
     with storage_errors("download", location):
-        pafs.copy_files(location.path, local_dir, source_filesystem=location.fs, destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            location.path, local_dir, source_filesystem=location.fs, destination_filesystem=pafs.LocalFileSystem()
+        )
 
 
 def upload_tree(local_dir: str, location: Location) -> None:
     """Copy a local directory's files under `location`."""
     with storage_errors("upload to", location):
-        pafs.copy_files(local_dir, location.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=location.fs)
+        pafs.copy_files(
+            local_dir, location.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=location.fs
+        )

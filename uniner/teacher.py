@@ -163,12 +163,27 @@ def backoff_s(attempt: int, error: Exception) -> float:
 class Teacher:
     """An `openai.AsyncOpenAI` client with the job's rate limit, our retries and the response cache."""
 
-    def __init__(self, *, base_url: str, model: str, api_key: Secret, variant: str, temperature: float, max_tokens: int,
-                 timeout_s: float, max_retries: int, limiter, cache: ResponseCache, api_key_env: str):
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: Secret,
+        variant: str,
+        temperature: float,
+        max_tokens: int,
+        timeout_s: float,
+        max_retries: int,
+        limiter,
+        cache: ResponseCache,
+        api_key_env: str,
+    ):
         import openai
 
         self.openai = openai
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key.reveal() or PLACEHOLDER_KEY, timeout=timeout_s, max_retries=0)
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key.reveal() or PLACEHOLDER_KEY, timeout=timeout_s, max_retries=0
+        )
         self.api_key = api_key
         self.api_key_env = api_key_env
         self.base_url = base_url
@@ -181,8 +196,13 @@ class Teacher:
 
     async def ask(self, passage: str) -> Answer:
         """The teacher's answer for one passage, from the cache when the same question was answered before."""
-        key = ResponseCache.key(model=self.model, prompt_version=self.version, temperature=self.temperature,
-                                max_tokens=self.max_tokens, passage=passage)
+        key = ResponseCache.key(
+            model=self.model,
+            prompt_version=self.version,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            passage=passage,
+        )
         cached = await asyncio.to_thread(self.cache.get, key)
         if cached is not None:
             return cached
@@ -193,7 +213,12 @@ class Teacher:
 
     async def _request(self, passage: str) -> Answer:
         openai = self.openai
-        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+        retryable = (
+            openai.RateLimitError,
+            openai.InternalServerError,
+            openai.APITimeoutError,
+            openai.APIConnectionError,
+        )
         messages = teacher_messages(passage, variant=self.variant)
         cost = prompt_tokens(passage, self.variant) + self.max_tokens
         for attempt in range(self.max_retries + 1):
@@ -210,21 +235,27 @@ class Teacher:
                 described = self._describe(error, f"after {attempt + 1} attempts")
                 if isinstance(error, openai.APIConnectionError) and not self.reached:
                     # An endpoint that never answered is down or mistyped: every passage would burn its retries.
-                    raise UserError(f"the teacher endpoint {self.base_url} cannot be reached ({described}): check "
-                                    "--base-url and that the server is up, then run the same command again") from None
+                    raise UserError(
+                        f"the teacher endpoint {self.base_url} cannot be reached ({described}): check "
+                        "--base-url and that the server is up, then run the same command again"
+                    ) from None
                 return Answer(error=described, attempts=attempt + 1)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
                 # The whole job would fail the same way: stop it with the fix instead of filling the output with errors.
-                raise UserError(f"the teacher endpoint {self.base_url} refused the request ({self._describe(error)}): "
-                                f"check --model, --base-url and the key in ${self.api_key_env}") from None
+                raise UserError(
+                    f"the teacher endpoint {self.base_url} refused the request ({self._describe(error)}): "
+                    f"check --model, --base-url and the key in ${self.api_key_env}"
+                ) from None
             except openai.APIError as error:  # 400 and other answers that a retry would not change
                 self.reached = True
                 return Answer(error=self._describe(error), attempts=attempt + 1)
             self.reached = True
             if not getattr(response, "choices", None):  # e.g. a proxy's HTML page with status 200
                 body = self.api_key.redact(" ".join(str(response).split())[:120])
-                return Answer(error=f"the endpoint answered with something that is not a chat completion: {body!r}",
-                              attempts=attempt + 1)
+                return Answer(
+                    error=f"the endpoint answered with something that is not a chat completion: {body!r}",
+                    attempts=attempt + 1,
+                )
             return self._answer(response, attempt + 1)
         raise AssertionError("unreachable: the last attempt returns")
 
@@ -244,7 +275,9 @@ class Teacher:
     def _describe(self, error: Exception, suffix: str = "") -> str:
         status = getattr(error, "status_code", None)
         text = " ".join(str(getattr(error, "message", None) or error).split())[:300]
-        described = f"{type(error).__name__}{f' {status}' if status else ''}: {text}" + (f" ({suffix})" if suffix else "")
+        described = f"{type(error).__name__}{f' {status}' if status else ''}: {text}" + (
+            f" ({suffix})" if suffix else ""
+        )
         return self.api_key.redact(described)
 
 
@@ -252,4 +285,3 @@ def local_cache_uri() -> str:
     from uniner.models import cache_dir
 
     return str(cache_dir() / "teacher-responses")
-

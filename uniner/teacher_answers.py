@@ -8,11 +8,11 @@ accepts all of these and says why when it finds nothing usable; `filter_pairs` a
 
 from __future__ import annotations
 
-import ast
-import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
+
+from uniner.formats import decode_literal
 
 _FENCE = re.compile(r"```[a-zA-Z]*")
 _STRING = r'"(?:[^"\\\n]|\\.)*"' + r"|'(?:[^'\\\n]|\\.)*'"
@@ -20,7 +20,9 @@ _STRING = r'"(?:[^"\\\n]|\\.)*"' + r"|'(?:[^'\\\n]|\\.)*'"
 _PAIR = re.compile(r"[(\[]\s*(" + _STRING + r")\s*,\s*(" + _STRING + r")\s*[)\]]")
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry|i cannot|i can'?t|i'?m unable|i am unable|as an ai)\b", re.I)
 # Types that say "no real type" (the paper's "else" kind), compared lowercased without punctuation.
-ELSE_TYPES = frozenset({"", "none", "na", "n a", "null", "nil", "misc", "miscellaneous", "else", "other", "others", "unknown", "o"})
+ELSE_TYPES = frozenset(
+    {"", "none", "na", "n a", "null", "nil", "misc", "miscellaneous", "else", "other", "others", "unknown", "o"}
+)
 
 
 @dataclass
@@ -31,17 +33,6 @@ class Parsed:
     skipped_items: int = 0
     truncated: bool = False
     problem: str = ""
-
-
-def _decode(literal: str) -> object:
-    try:
-        return json.loads(literal)
-    except ValueError:
-        pass
-    try:
-        return ast.literal_eval(literal)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return None
 
 
 def _as_pair(item: object) -> tuple[str, str] | None:
@@ -64,9 +55,11 @@ def parse_pairs(answer: str) -> Parsed:
     if start < 0:
         return Parsed(problem="no list in the answer")
     # The list ends at its last `]`, or earlier when text with brackets follows it: try the longest first.
-    ends = sorted({i for i in (text.rfind("]"), text.find("]\n", start), text.find("] ", start)) if i > start}, reverse=True)
+    ends = sorted(
+        {i for i in (text.rfind("]"), text.find("]\n", start), text.find("] ", start)) if i > start}, reverse=True
+    )
     for end in ends:
-        items = _decode(text[start : end + 1])
+        items = decode_literal(text[start : end + 1])
         if isinstance(items, (list, tuple)):
             pairs = [pair for pair in map(_as_pair, items) if pair is not None]
             if items and not pairs:
@@ -74,7 +67,7 @@ def parse_pairs(answer: str) -> Parsed:
             return Parsed(pairs=pairs, skipped_items=len(items) - len(pairs))
     # Not a whole literal: keep every complete pair; an unfinished last tuple is what a cut-off answer leaves.
     matches = list(_PAIR.finditer(text, start))
-    pairs = [(_decode(m[1]), _decode(m[2])) for m in matches]
+    pairs = [(decode_literal(m[1]), decode_literal(m[2])) for m in matches]
     pairs = [(e, t) for e, t in pairs if isinstance(e, str) and isinstance(t, str)]
     if not pairs:
         return Parsed(problem="a list that is neither JSON nor a Python literal, with no complete (entity, type) pair")

@@ -22,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,7 @@ from uniner.config import TrainConfig, to_dict
 from uniner.errors import UserError
 from uniner.train_data import IGNORE_INDEX, TokenizeConversations, micro_batches
 
-SUMMARY_FILE = "_summary.json"
 # `uniner pipeline` keeps a partial output of this stage: rerunning resumes from its last checkpoint.
-RESUMES = True
 METRICS_FILE = "metrics.jsonl"
 REJECTS_DIR = "_rejects"
 RAY_DIR = "_ray"
@@ -47,8 +46,6 @@ STATE_FILE = "trainer_state.pt"  # inside a checkpoint: optimizer, schedule, ste
 # page faults a step on the built-in student, none in the main thread; about a tenth of a CPU step, docs/benchmarks.md).
 # One arena keeps the memory, as the main thread does.
 WORKER_RUNTIME_ENV = {"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}}
-# Fault injection for tests: "STEP:MARKER" makes the last worker exit at STEP, once (while MARKER does not exist).
-KILL_ENV = "UNINER_TEST_KILL_WORKER"
 
 
 # ---- driver: data ----
@@ -67,17 +64,22 @@ def data_files(config: TrainConfig) -> list[storage.Location]:
     """The files of --data, checked before Ray starts: one kind, valid JSON, every record an object with a
     `conversations` list (a bad one is one line naming its file and line). A conversation whose turns are wrong is
     not an error here: training rejects it, with its reason, into _rejects/."""
-    files = storage.list_files(storage.locate(config.data, s3_endpoint_url=config.s3_endpoint_url))
+    files = storage.list_files(config.locate(config.data))
     kinds = {_data_kind(f.path) for f in files}
     if None in kinds or len(kinds) > 1:
         odd = next((f.uri for f in files if _data_kind(f.path) is None), files[0].uri)
-        raise UserError(f"--data must hold only .json, .jsonl or .parquet files of one kind (found {odd}): use the output of `uniner build-data`")
+        raise UserError(
+            f"--data must hold only .json, .jsonl or .parquet files of one kind (found {odd}): "
+            "use the output of `uniner build-data`"
+        )
     for file in files:
         if _data_kind(file.path) == "json" and not file.path.endswith(".gz"):
             for where, record in storage.read_json_records(file):
                 if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-                    raise UserError(f"{where}: expected {{\"id\": ..., \"conversations\": [{{\"from\", \"value\"}}, ...]}}, "
-                                    f"found {json.dumps(record)[:60]}: use the output of `uniner build-data`")
+                    raise UserError(
+                        f'{where}: expected {{"id": ..., "conversations": [{{"from", "value"}}, ...]}}, '
+                        f"found {json.dumps(record)[:60]}: use the output of `uniner build-data`"
+                    )
     return files
 
 
@@ -104,8 +106,7 @@ def tokenize(config: TrainConfig, model_dir: Path, files: list[storage.Location]
     # that the steps before its checkpoint trained on.
     conversations.context.execution_options.preserve_order = True
     return (
-        conversations
-        .map_batches(
+        conversations.map_batches(
             TokenizeConversations,
             fn_constructor_kwargs={"model_dir": str(model_dir), "max_length": config.max_length, "seed": config.seed},
             batch_format="pyarrow",
@@ -140,8 +141,10 @@ def data_stats(tokens) -> dict[str, Any]:
     """Counts over the tokenized conversations (small columns only come back to the driver)."""
     frame = tokens.select_columns(["reason", "n_tokens", "n_label_tokens", "turns_cut"]).to_pandas()
     if frame.empty:
-        raise UserError("the data holds no conversations: check the output of `uniner build-data` (its _summary.json "
-                        "says what was skipped and why)")
+        raise UserError(
+            "the data holds no conversations: check the output of `uniner build-data` (its _summary.json "
+            "says what was skipped and why)"
+        )
     kept = frame[frame["reason"].isna()]
     return {
         "conversations_read": len(frame),
@@ -157,12 +160,19 @@ def step_plan(config: TrainConfig, conversations: int) -> dict[str, int]:
     """Steps per epoch and in all. Each worker gets the same number of conversations (Ray's equal split)."""
     per_worker = conversations // config.num_workers
     if per_worker == 0:
-        raise UserError(f"only {conversations} trainable conversations for {config.num_workers} workers: give more data or fewer --num-workers")
+        raise UserError(
+            f"only {conversations} trainable conversations for {config.num_workers} workers: "
+            "give more data or fewer --num-workers"
+        )
     micro_batches_per_epoch = math.ceil(per_worker / config.batch_size)
     steps_per_epoch = math.ceil(micro_batches_per_epoch / config.grad_accum)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    return {"conversations_per_worker": per_worker, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-            "warmup_steps": round(total * config.warmup_ratio)}
+    return {
+        "conversations_per_worker": per_worker,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "warmup_steps": round(total * config.warmup_ratio),
+    }
 
 
 # ---- workers ----
@@ -191,8 +201,13 @@ def load_student(config: TrainConfig, restored: Path | None):
     if config.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     return model, AutoTokenizer.from_pretrained(base)
 
@@ -211,8 +226,15 @@ def parallel(model, config: TrainConfig):
     layer_names = set(getattr(model, "_no_split_modules", None) or [])
     layers = {type(m) for m in model.modules() if type(m).__name__ in layer_names}
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
-    return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs={
-        "auto_wrap_policy": policy, "sharding_strategy": ShardingStrategy.FULL_SHARD, "use_orig_params": True})
+    return ray.train.torch.prepare_model(
+        model,
+        parallel_strategy="fsdp",
+        parallel_strategy_kwargs={
+            "auto_wrap_policy": policy,
+            "sharding_strategy": ShardingStrategy.FULL_SHARD,
+            "use_orig_params": True,
+        },
+    )
 
 
 def _all_reduce(values: list[float]):
@@ -222,7 +244,9 @@ def _all_reduce(values: list[float]):
     totals = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         # gloo reduces CPU tensors; NCCL needs them on the GPU.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         totals = totals.to(device)
         dist.all_reduce(totals)
     return totals.cpu().tolist()
@@ -239,16 +263,22 @@ def answer_loss(model, batch: dict, *, device, items):
 
     labels = torch.from_numpy(batch["labels"]).to(device)
     predicting = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # position p predicts token p + 1
-    logits = model(input_ids=torch.from_numpy(batch["input_ids"]).to(device),
-                   attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
-                   logits_to_keep=predicting, use_cache=False).logits
+    logits = model(
+        input_ids=torch.from_numpy(batch["input_ids"]).to(device),
+        attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
+        logits_to_keep=predicting,
+        use_cache=False,
+    ).logits
     targets = labels[:, predicting + 1]
-    loss_sum = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss_sum / items
 
 
-def train_step(model, optimizer, scheduler, group: list[dict], *, device, bf16: bool, max_grad_norm: float) -> dict[str, float]:
+def train_step(
+    model, optimizer, scheduler, group: list[dict], *, device, bf16: bool, max_grad_norm: float
+) -> dict[str, float]:
     """One optimizer step over micro-batches: the loss is the mean over every answer token of the global step."""
     import torch
     import torch.distributed as dist
@@ -287,10 +317,13 @@ def optimizer_and_scheduler(model, config: TrainConfig, plan: dict[str, int]):
     import torch
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     schedule = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=plan["warmup_steps"], num_training_steps=plan["total_steps"])
+    scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=plan["warmup_steps"], num_training_steps=plan["total_steps"]
+    )
     return optimizer, scheduler
 
 
@@ -303,17 +336,24 @@ def epoch_windows(shard, config: TrainConfig, *, epoch: int, rank: int):
     """This worker's conversations for one epoch, streamed from its dataset shard in windows of `length_window`
     micro-batches (numpy batches of input_ids and loss_mask)."""
     window = config.batch_size * config.length_window
-    return shard.iter_batches(batch_size=window, batch_format="numpy", local_shuffle_buffer_size=window,
-                              local_shuffle_seed=config.seed * 100_003 + epoch * 101 + rank)
+    return shard.iter_batches(
+        batch_size=window,
+        batch_format="numpy",
+        local_shuffle_buffer_size=window,
+        local_shuffle_seed=config.seed * 100_003 + epoch * 101 + rank,
+    )
 
 
 def epoch_batches(windows, config: TrainConfig, *, epoch: int, rank: int, pad_id: int):
-    """The collated micro-batches of one epoch: each window's conversations grouped by length, seeded per epoch and rank."""
+    """The collated micro-batches of one epoch: each window's conversations grouped by length, seeded per epoch
+    and rank."""
     rng = random.Random(f"{config.seed}:{epoch}:{rank}")
     return micro_batches(windows, batch_size=config.batch_size, rng=rng, pad_id=pad_id)
 
 
-def save_checkpoint(folder: Path, *, model, optimizer, scheduler, tokenizer, state: dict, rank: int, config: TrainConfig) -> None:
+def save_checkpoint(
+    folder: Path, *, model, optimizer, scheduler, tokenizer, state: dict, rank: int, config: TrainConfig
+) -> None:
     """Weights as a Hugging Face folder (LoRA merged in) and the trainer state; collective, rank 0 writes."""
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -357,9 +397,9 @@ def say(line: str) -> None:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    import torch
     import ray.train
     import ray.train.torch
+    import torch
 
     config = TrainConfig(**loop_config["config"])
     plan = loop_config["plan"]
@@ -383,8 +423,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 say(f"uniner train: resumed from the checkpoint at step {state['step']}")
     model.train()
 
-    kill_step, _, kill_marker = loop_config["kill"].partition(":")
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    after_step = loop_config["after_step"]
+    output = config.locate(config.output)
     shard = ray.train.get_dataset_shard("train")
     pad_id = padding_id(tokenizer)
     total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
@@ -401,36 +441,61 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             waited = time.perf_counter() - started
             if not group:
                 raise RuntimeError(f"the data shard of worker {rank} ran out at step {state['step']} (epoch {epoch})")
-            result = train_step(model, optimizer, scheduler, group, device=device, bf16=bf16, max_grad_norm=config.max_grad_norm)
+            result = train_step(
+                model, optimizer, scheduler, group, device=device, bf16=bf16, max_grad_norm=config.max_grad_norm
+            )
             seconds = time.perf_counter() - started
             state["step"] += 1
-            record = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4), "loss": round(result["loss"], 5),
-                      "lr": result["lr"], "tokens": result["tokens"], "seconds": round(seconds, 3),
-                      "data_seconds": round(waited, 3),
-                      "tokens_per_s": round(result["tokens"] / seconds, 1)}
+            record = {
+                "step": state["step"],
+                "epoch": round(state["step"] / per_epoch, 4),
+                "loss": round(result["loss"], 5),
+                "lr": result["lr"],
+                "tokens": result["tokens"],
+                "seconds": round(seconds, 3),
+                "data_seconds": round(waited, 3),
+                "tokens_per_s": round(result["tokens"] / seconds, 1),
+            }
             state["metrics"].append(record)
             if rank == 0:
-                say(f"uniner train: step {state['step']}/{total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                    f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s")
-            if kill_step and state["step"] == int(kill_step) and rank == context.get_world_size() - 1 and not os.path.exists(kill_marker):
-                Path(kill_marker).touch()
-                # The controller takes the workers' reports on its own schedule: wait past it, so that the crash comes
-                # after the last checkpoint is registered, as a crash in a real run would.
-                time.sleep(10)
-                os._exit(1)
+                say(
+                    f"uniner train: step {state['step']}/{total} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+                    f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s"
+                )
+            if after_step is not None:
+                after_step(step=state["step"], rank=rank, world_size=context.get_world_size())
             if state["step"] == total or (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
-                report(output, model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer, state=state, rank=rank, config=config)
+                report(
+                    output,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    tokenizer=tokenizer,
+                    state=state,
+                    rank=rank,
+                    config=config,
+                )
 
 
-def report(output: storage.Location, *, model, optimizer, scheduler, tokenizer, state: dict, rank: int, config: TrainConfig) -> None:
+def report(
+    output: storage.Location, *, model, optimizer, scheduler, tokenizer, state: dict, rank: int, config: TrainConfig
+) -> None:
     """Save a checkpoint through Ray Train and rewrite OUTPUT/metrics.jsonl with the history so far."""
     import ray.train
 
     last = state["metrics"][-1]
     metrics = {**last, "first_loss": state["metrics"][0]["loss"], "resumed_from": list(state["resumed_from"])}
     with tempfile.TemporaryDirectory(prefix="uniner-checkpoint-") as folder:
-        save_checkpoint(Path(folder), model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer,
-                        state=state, rank=rank, config=config)
+        save_checkpoint(
+            Path(folder),
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            state=state,
+            rank=rank,
+            config=config,
+        )
         if rank == 0:
             storage.write_text(output.join(METRICS_FILE), "".join(json.dumps(m) + "\n" for m in state["metrics"]))
         checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
@@ -448,15 +513,17 @@ def precision(config: TrainConfig) -> str:
 
 def plan(config: TrainConfig) -> list[str]:
     """What the stage would do, for --dry-run."""
-    files = storage.list_files(storage.locate(config.data, s3_endpoint_url=config.s3_endpoint_url))
+    files = storage.list_files(config.locate(config.data))
     per_step = config.num_workers * config.batch_size * config.grad_accum
     length = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epochs"
     device = f"{config.num_workers} GPU workers" if config.use_gpu else f"{config.num_workers} CPU workers"
     tuning = f"LoRA rank {config.lora_rank}" if config.lora_rank else "all weights"
     return [
         f"read conversations from {len(files)} file(s) at {config.data}",
-        f"tokenize with {config.model}'s tokenizer (max {config.max_length} tokens, cut at turn boundaries), loss on answers only",
-        f"train {tuning} on {device} ({'FSDP' if config.fsdp else 'DDP'}, {precision(config)}), {per_step} conversations per step, {length}",
+        f"tokenize with {config.model}'s tokenizer (max {config.max_length} tokens, cut at turn boundaries), "
+        "loss on answers only",
+        f"train {tuning} on {device} ({'FSDP' if config.fsdp else 'DDP'}, {precision(config)}), "
+        f"{per_step} conversations per step, {length}",
         f"lr {config.learning_rate:g}, {config.lr_schedule} after {config.warmup_ratio:g} warmup; checkpoints "
         + (f"every {config.checkpoint_every} steps" if config.checkpoint_every else "at the end"),
         f"write the model to {config.output} (Hugging Face format), metrics to {config.output}/{METRICS_FILE}, "
@@ -466,8 +533,10 @@ def plan(config: TrainConfig) -> list[str]:
 
 def _prepare(output: storage.Location, config: TrainConfig) -> bool:
     """Make the output ready; True when an unfinished run is there to resume."""
-    if storage.exists(output.join(SUMMARY_FILE)) and not config.overwrite:
-        raise UserError(f"output {output} already holds a finished training run: pass --overwrite to train again, or choose another")
+    if storage.exists(output.join(storage.SUMMARY_FILE)) and not config.overwrite:
+        raise UserError(
+            f"output {output} already holds a finished training run: pass --overwrite to train again, or choose another"
+        )
     if storage.exists(output.join(RAY_DIR, RUN_NAME)) and not config.overwrite:
         return True
     storage.prepare_output(output, overwrite=config.overwrite)
@@ -524,18 +593,27 @@ def preemption_watcher_setting():
         del os.environ[name]
 
 
-def fit(config: TrainConfig, train_data, step_counts: dict[str, int], output: storage.Location):
+def fit(config: TrainConfig, train_data, step_counts: dict[str, int], output: storage.Location, after_step=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     runs = output.join(RAY_DIR)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = trainer_class()(
         train_loop,
-        train_loop_config={"config": to_dict(config), "plan": step_counts, "precision": precision(config),
-                           "kill": os.environ.get(KILL_ENV, "")},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
+        train_loop_config={
+            "config": to_dict(config),
+            "plan": step_counts,
+            "precision": precision(config),
+            "after_step": after_step,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=runs.path, storage_filesystem=runs.fs, worker_runtime_env=WORKER_RUNTIME_ENV,
+            name=RUN_NAME,
+            storage_path=runs.path,
+            storage_filesystem=runs.fs,
+            worker_runtime_env=WORKER_RUNTIME_ENV,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
@@ -545,15 +623,19 @@ def fit(config: TrainConfig, train_data, step_counts: dict[str, int], output: st
         return trainer.fit()
 
 
-def run(config: TrainConfig) -> dict[str, Any]:
-    """Run the stage; returns the summary that is also written to OUTPUT/_summary.json."""
+def run(config: TrainConfig, *, after_step: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Run the stage; returns the summary that is also written to OUTPUT/_summary.json.
+
+    after_step: called on every worker after each optimizer step as `after_step(step=, rank=, world_size=)`, for
+    tests that inject faults (Ray pickles it to the workers, so it must be a closure or importable there).
+    """
     import pyarrow.fs as pafs
 
     from uniner.models import resolve_model
     from uniner.session import init_ray
 
     started = time.time()
-    output = storage.locate(config.output, s3_endpoint_url=config.s3_endpoint_url)
+    output = config.locate(config.output)
     files = data_files(config)
     model_dir = resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url)  # once here, not in every worker
     if config.lora_rank:
@@ -572,11 +654,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
             rejects = output.join(REJECTS_DIR)
             tokens.map_batches(_rejected, batch_format="pyarrow").write_parquet(rejects.path, filesystem=rejects.fs)
     train_data = trainable(tokens)
-    print(f"uniner train: {stats['conversations_trainable']} conversations ({stats['tokens_per_epoch']} tokens) -> "
-          f"{step_counts['total_steps']} steps of {config.num_workers * config.batch_size * config.grad_accum} conversations"
-          + (" (resuming)" if resuming else ""), flush=True)
+    print(
+        f"uniner train: {stats['conversations_trainable']} conversations ({stats['tokens_per_epoch']} tokens) -> "
+        f"{step_counts['total_steps']} steps of "
+        f"{config.num_workers * config.batch_size * config.grad_accum} conversations"
+        + (" (resuming)" if resuming else ""),
+        flush=True,
+    )
 
-    result = fit(config, train_data, step_counts, output)
+    result = fit(config, train_data, step_counts, output, after_step)
     if result.error is not None:
         raise result.error
     final = result.checkpoint
@@ -600,7 +686,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
         "config": to_dict(config),
     }
-    storage.write_json(output.join(SUMMARY_FILE), summary)
+    storage.write_json(output.join(storage.SUMMARY_FILE), summary)
     return summary
 
 
@@ -610,8 +696,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return [
         f"conversations:     {summary['conversations_trainable']} trained of {summary['conversations_read']} read "
         f"(rejected: {rejected}; {summary['conversations_cut']} cut at a turn boundary)",
-        f"steps:             {summary['steps']} ({summary['steps_per_epoch']} per epoch), resumed from step(s): {resumed}",
+        f"steps:             {summary['steps']} ({summary['steps_per_epoch']} per epoch), "
+        f"resumed from step(s): {resumed}",
         f"loss:              {summary['first_loss']:.4f} at the first step -> {summary['final_loss']:.4f} at the last",
         f"model:             {summary['output']} (Hugging Face format, {summary['precision']} training)",
-        f"took {summary['seconds']} s; metrics in {summary['output']}/{METRICS_FILE}, summary in {summary['output']}/{SUMMARY_FILE}",
+        f"took {summary['seconds']} s; metrics in {summary['output']}/{METRICS_FILE}, "
+        f"summary in {summary['output']}/{storage.SUMMARY_FILE}",
     ]

@@ -1,6 +1,6 @@
 """Conversations -> token ids and loss masks for training, and length-grouped micro-batches.
 
-Tokenization follows DESIGN.md section 2: `Template.segments` splits a conversation into prompt pieces (ending
+Tokenization follows docs/design.md section 2: `Template.segments` splits a conversation into prompt pieces (ending
 `ASSISTANT:`) and answer pieces (starting with the space, ending with the student's EOS); each piece is tokenized on
 its own, without special tokens, and the pieces are concatenated. A prompt cut at its last `ASSISTANT:` is then
 token for token the inference prompt. The loss falls only on answer pieces, `I've read this text.` included.
@@ -102,7 +102,11 @@ def conversation_turns(conversation: Any) -> list[tuple[str, str]]:
         raise ValueError("`conversations` is not a list of turns")
     turns = []
     for turn in conversation:
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
             raise ValueError("a turn is not {from, value} with string values")
         turns.append((turn["from"], turn["value"]))
     return turns
@@ -120,7 +124,9 @@ class TokenizeConversations:
     def __call__(self, table: pa.Table) -> pa.Table:
         if "conversations" not in table.column_names:
             columns = ", ".join(table.column_names)
-            raise UserError(f"the data has no `conversations` column (columns: {columns}): give Pile-NER train.json-shaped data")
+            raise UserError(
+                f"the data has no `conversations` column (columns: {columns}): give Pile-NER train.json-shaped data"
+            )
         ids = table["id"].to_pylist() if "id" in table.column_names else [None] * table.num_rows
         rows = []
         for conversation_id, conversation in zip(ids, table["conversations"].to_pylist()):
@@ -132,16 +138,37 @@ class TokenizeConversations:
                 tokens = self.tokenize(turns)
             except ValueError as error:
                 reason = "too_long" if isinstance(error, TooLong) else "malformed"
-                rows.append({"id": conversation_id, "input_ids": [], "loss_mask": [], "n_tokens": 0, "n_label_tokens": 0,
-                             "turns_cut": 0, "reason": reason, "detail": str(error)})
+                rows.append(
+                    {
+                        "id": conversation_id,
+                        "input_ids": [],
+                        "loss_mask": [],
+                        "n_tokens": 0,
+                        "n_label_tokens": 0,
+                        "turns_cut": 0,
+                        "reason": reason,
+                        "detail": str(error),
+                    }
+                )
                 continue
-            rows.append({"id": conversation_id, "input_ids": tokens.input_ids, "loss_mask": tokens.loss_mask,
-                         "n_tokens": len(tokens.input_ids), "n_label_tokens": sum(tokens.loss_mask),
-                         "turns_cut": tokens.turns_cut, "reason": None, "detail": None})
+            rows.append(
+                {
+                    "id": conversation_id,
+                    "input_ids": tokens.input_ids,
+                    "loss_mask": tokens.loss_mask,
+                    "n_tokens": len(tokens.input_ids),
+                    "n_label_tokens": sum(tokens.loss_mask),
+                    "turns_cut": tokens.turns_cut,
+                    "reason": None,
+                    "detail": None,
+                }
+            )
         return pa.Table.from_pylist(rows, schema=TOKENS_SCHEMA)
 
 
-def length_grouped(rows: Iterable[tuple[np.ndarray, np.ndarray]], *, batch_size: int, rng: random.Random) -> Iterator[list]:
+def length_grouped(
+    rows: Iterable[tuple[np.ndarray, np.ndarray]], *, batch_size: int, rng: random.Random
+) -> Iterator[list]:
     """Micro-batches of `batch_size` conversations of similar length from one window of rows, in random order."""
     ordered = sorted(rows, key=lambda row: len(row[0]))
     batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
@@ -162,7 +189,9 @@ def collate(batch: list[tuple[np.ndarray, np.ndarray]], *, pad_id: int) -> dict[
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def micro_batches(windows: Iterable[dict[str, np.ndarray]], *, batch_size: int, rng: random.Random, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
+def micro_batches(
+    windows: Iterable[dict[str, np.ndarray]], *, batch_size: int, rng: random.Random, pad_id: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Collated micro-batches from windows of rows (numpy batches with `input_ids` and `loss_mask` columns)."""
     for window in windows:
         rows = list(zip(window["input_ids"], window["loss_mask"]))

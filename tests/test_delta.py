@@ -1,0 +1,85 @@
+"""The compact student form: a low-rank delta from a base, rebuilt into the student's weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from uniner import delta
+
+
+def tiny_model(folder, *, seed: int) -> dict[str, torch.Tensor]:
+    """A small Llama saved as a Hugging Face folder; returns its weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return load_file(folder / delta.WEIGHTS)
+
+
+def fine_tuned(base, student_folder, *, rank: int) -> dict[str, torch.Tensor]:
+    """The base folder copied with every matrix moved by an exact rank-`rank` change and every vector moved."""
+    torch.manual_seed(1)
+    weights = {}
+    for name, weight in load_file(base / delta.WEIGHTS).items():
+        if weight.dim() == 2:
+            weight = weight + 0.05 * torch.randn(weight.shape[0], rank) @ torch.randn(rank, weight.shape[1])
+        else:
+            weight = weight + 0.1 * torch.randn_like(weight)
+        weights[name] = weight.contiguous()
+    student_folder.mkdir()
+    save_file(weights, student_folder / delta.WEIGHTS, metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (student_folder / "config.json").write_text(json.dumps({**config, "uniner_marker": "student"}))
+    return weights
+
+
+def test_a_low_rank_change_round_trips_within_fp16(tmp_path):
+    base = tmp_path / "base"
+    tiny_model(base, seed=0)
+    student = fine_tuned(base, tmp_path / "student", rank=2)
+    report = delta.export(
+        student=tmp_path / "student", base=base, output=tmp_path / "d.safetensors", rank=4, embedding_rank=4
+    )
+    assert report["energy_kept"] > 0.999
+    delta.rebuild(base=base, delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")
+    rebuilt = load_file(tmp_path / "rebuilt" / delta.WEIGHTS)
+    assert set(rebuilt) == set(student)
+    for name, weight in student.items():
+        torch.testing.assert_close(rebuilt[name], weight, atol=2e-3, rtol=1e-3)
+    assert json.loads((tmp_path / "rebuilt" / "config.json").read_text())["uniner_marker"] == "student"
+
+
+def test_a_rank_below_the_change_keeps_less_and_is_smaller(tmp_path):
+    base = tmp_path / "base"
+    tiny_model(base, seed=0)
+    fine_tuned(base, tmp_path / "student", rank=8)
+    full = delta.export(
+        student=tmp_path / "student", base=base, output=tmp_path / "a.safetensors", rank=8, embedding_rank=8
+    )
+    cut = delta.export(
+        student=tmp_path / "student", base=base, output=tmp_path / "b.safetensors", rank=2, embedding_rank=2
+    )
+    assert cut["energy_kept"] < 0.9 < full["energy_kept"]
+    assert cut["bytes"] < full["bytes"]
+
+
+def test_a_delta_refuses_another_base(tmp_path):
+    tiny_model(tmp_path / "base", seed=0)
+    tiny_model(tmp_path / "other", seed=3)
+    fine_tuned(tmp_path / "base", tmp_path / "student", rank=2)
+    delta.export(student=tmp_path / "student", base=tmp_path / "base", output=tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="another base"):
+        delta.rebuild(base=tmp_path / "other", delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")

@@ -1,0 +1,140 @@
+"""Compact students: a fine-tuned model stored as its base plus a low-rank difference.
+
+Full fine-tuning moves every weight, but the difference of each weight matrix from the base is close to low rank.
+`export` keeps the top singular directions of each matrix's difference as fp16 factors (`up @ down`), and every
+other tensor (norm scales) as it is; `rebuild` adds them back onto the base. The student's config files travel in
+the delta's metadata; its tokenizer must be the base's, which `export` checks.
+
+    python -m uniner.delta export --student uniner-out/cpu-student/train --base smollm2-135m-instruct \\
+        --output uniner/data/students/uniner-ner-135m/delta.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def fingerprint(weights: dict[str, Any]) -> str:
+    """A digest of a state dict (names and fp32 values), so that a delta is only ever added to its own base."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def low_rank(difference, rank: int):
+    """fp16 factors (up: out x r, down: r x in) of the best rank-`rank` approximation of a matrix (truncated SVD)."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(difference.to(torch.float32), full_matrices=False)
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(torch.float16).contiguous(), (root[:, None] * vh[:rank]).to(
+        torch.float16
+    ).contiguous()
+
+
+def export(*, student: Path, base: Path, output: Path, rank: int = 32, embedding_rank: int = 16) -> dict[str, Any]:
+    """Write the delta of `student` from `base` (two Hugging Face folders) to `output`; returns its report: size,
+    and the share of the difference's energy that the low-rank factors keep."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for name in TOKENIZER_FILES:
+        if (student / name).is_file() and (student / name).read_bytes() != (base / name).read_bytes():
+            raise ValueError(f"{student / name} differs from the base's: a delta keeps the base tokenizer")
+    tuned, original = load_file(student / WEIGHTS), load_file(base / WEIGHTS)
+    if set(tuned) - set(original):
+        raise ValueError(f"the student has weights the base lacks: {sorted(set(tuned) - set(original))[:3]}")
+    tensors, kept, total = {}, 0.0, 0.0
+    for name, weight in sorted(tuned.items()):
+        difference = weight.to(torch.float32) - original[name].to(torch.float32)
+        if weight.dim() == 2:
+            up, down = low_rank(difference, embedding_rank if "embed" in name else rank)
+            tensors[f"{name}.up"], tensors[f"{name}.down"] = up, down
+            kept += float(difference.square().sum() - (difference - up.float() @ down.float()).square().sum())
+        else:
+            tensors[f"{name}.full"] = weight.to(torch.float32).contiguous()
+            kept += float(difference.square().sum())
+        total += float(difference.square().sum())
+    metadata = {"base_fingerprint": fingerprint(original), "rank": str(rank), "embedding_rank": str(embedding_rank)}
+    metadata.update({name: (student / name).read_text() for name in CONFIG_FILES if (student / name).is_file()})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, output, metadata=metadata)
+    return {"output": str(output), "bytes": output.stat().st_size, "energy_kept": kept / total if total else 1.0}
+
+
+def rebuild(*, base: Path, delta: Path, output: Path) -> None:
+    """Write the student that `delta` describes, from `base`, as a Hugging Face folder at `output`."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base / WEIGHTS)
+    with safe_open(delta, framework="pt") as stored:
+        metadata = stored.metadata()
+        if metadata["base_fingerprint"] != fingerprint(weights):
+            raise ValueError(f"{delta} was made from another base than {base}")
+        for key in stored.keys():
+            name, part = key.rsplit(".", 1)
+            if part == "full":
+                weights[name] = stored.get_tensor(key)
+            elif part == "up":
+                change = stored.get_tensor(key).to(torch.float32) @ stored.get_tensor(f"{name}.down").to(torch.float32)
+                weights[name] = (weights[name].to(torch.float32) + change).contiguous()
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(weights, output / WEIGHTS, metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, output / name)
+    for name in CONFIG_FILES:
+        if name in metadata:
+            (output / name).write_text(metadata[name])
+
+
+def main() -> None:
+    from uniner.models import resolve_model
+
+    parser = argparse.ArgumentParser(prog="python -m uniner.delta", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    out = commands.add_parser("export", help="write a student's delta from its base")
+    out.add_argument("--student", required=True, help="the fine-tuned model: a model spec (folder, built-in name)")
+    out.add_argument("--base", required=True, help="the model it was fine-tuned from: a model spec")
+    out.add_argument("--output", required=True, help="the .safetensors file to write")
+    out.add_argument("--rank", type=int, default=32, help="rank of each weight matrix's difference (default 32)")
+    out.add_argument("--embedding-rank", type=int, default=16, help="rank of the embedding's difference (default 16)")
+    back = commands.add_parser("rebuild", help="write the student a delta describes")
+    back.add_argument("--base", required=True, help="the model spec the delta was made from")
+    back.add_argument("--delta", required=True, help="the .safetensors delta")
+    back.add_argument("--output", required=True, help="the folder to write")
+    args = parser.parse_args()
+    if args.command == "export":
+        report = export(
+            student=resolve_model(args.student),
+            base=resolve_model(args.base),
+            output=Path(args.output),
+            rank=args.rank,
+            embedding_rank=args.embedding_rank,
+        )
+        print(json.dumps(report, indent=2))
+    else:
+        rebuild(base=resolve_model(args.base), delta=Path(args.delta), output=Path(args.output))
+
+
+if __name__ == "__main__":
+    main()
