@@ -51,7 +51,12 @@ def test_a_low_rank_change_round_trips_within_fp16(tmp_path):
     tiny_model(base, seed=0)
     student = fine_tuned(base, tmp_path / "student", rank=2)
     report = delta.export(
-        student=tmp_path / "student", base=base, output=tmp_path / "d.safetensors", rank=4, embedding_rank=4
+        student=tmp_path / "student",
+        base=base,
+        output=tmp_path / "d.safetensors",
+        rank=4,
+        embedding_rank=4,
+        residual_bits=0,
     )
     assert report["energy_kept"] > 0.999
     delta.rebuild(base=base, delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")
@@ -67,10 +72,20 @@ def test_a_rank_below_the_change_keeps_less_and_is_smaller(tmp_path):
     tiny_model(base, seed=0)
     fine_tuned(base, tmp_path / "student", rank=8)
     full = delta.export(
-        student=tmp_path / "student", base=base, output=tmp_path / "a.safetensors", rank=8, embedding_rank=8
+        student=tmp_path / "student",
+        base=base,
+        output=tmp_path / "a.safetensors",
+        rank=8,
+        embedding_rank=8,
+        residual_bits=0,
     )
     cut = delta.export(
-        student=tmp_path / "student", base=base, output=tmp_path / "b.safetensors", rank=2, embedding_rank=2
+        student=tmp_path / "student",
+        base=base,
+        output=tmp_path / "b.safetensors",
+        rank=2,
+        embedding_rank=2,
+        residual_bits=0,
     )
     assert cut["energy_kept"] < 0.9 < full["energy_kept"]
     assert cut["bytes"] < full["bytes"]
@@ -83,3 +98,42 @@ def test_a_delta_refuses_another_base(tmp_path):
     delta.export(student=tmp_path / "student", base=tmp_path / "base", output=tmp_path / "d.safetensors")
     with pytest.raises(ValueError, match="another base"):
         delta.rebuild(base=tmp_path / "other", delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")
+
+
+def test_a_one_bit_residual_keeps_more_and_the_rebuild_is_what_export_measured(tmp_path):
+    base = tmp_path / "base"
+    tiny_model(base, seed=0)
+    student = fine_tuned(base, tmp_path / "student", rank=16)
+    plain = delta.export(
+        student=tmp_path / "student",
+        base=base,
+        output=tmp_path / "a.safetensors",
+        rank=2,
+        embedding_rank=2,
+        residual_bits=0,
+    )
+    hybrid = delta.export(
+        student=tmp_path / "student",
+        base=base,
+        output=tmp_path / "b.safetensors",
+        rank=2,
+        embedding_rank=2,
+        residual_bits=1,
+    )
+    assert plain["energy_kept"] < hybrid["energy_kept"] < 1
+    delta.rebuild(base=base, delta=tmp_path / "b.safetensors", output=tmp_path / "rebuilt")
+    rebuilt, original = load_file(tmp_path / "rebuilt" / delta.WEIGHTS), load_file(base / delta.WEIGHTS)
+    matrices = [name for name in student if student[name].dim() == 2]
+    missed = sum(float((student[n] - rebuilt[n]).square().sum()) for n in matrices)
+    total = sum(float((student[n] - original[n]).square().sum()) for n in matrices)
+    vectors = sum(float((student[n] - original[n]).square().sum()) for n in student if n not in matrices)
+    assert 1 - missed / (total + vectors) == pytest.approx(hybrid["energy_kept"], rel=1e-3)
+
+
+def test_signs_and_scales_round_trip_any_width():
+    residual = torch.randn(5, 13)
+    packed, scales = delta.signs_and_scales(residual)
+    assert packed.shape == (5, 2) and scales.dtype == torch.float16
+    restored = delta.from_signs(packed, scales, 13)
+    assert torch.equal(restored.sign(), residual.sign())
+    torch.testing.assert_close(restored.abs().mean(dim=1), residual.abs().mean(dim=1), atol=1e-3, rtol=1e-3)

@@ -230,7 +230,9 @@ def transformers_run(tmp_path_factory):
 def test_cli_on_vllm(vllm_run):
     out, result = vllm_run
     rows, summary = check_output(out, "parquet")
-    assert summary["backend"] == "vllm" and "queries:" in result.stdout
+    assert summary["backend"] == "vllm" and "queries:" in result.stdout and "by type:" in result.stdout
+    assert sum(summary["entities_by_type"].values()) == summary["entities"]
+    assert summary["documents_with_entities"] == sum(1 for row in rows.values() if row["entities"])
     spacy = [json.loads(line) for line in (out / "_export" / "spacy.jsonl").read_text().splitlines()]
     assert sorted(d["id"] for d in spacy) == ["b.txt", "en", "uni"]
     conll = (out / "_export" / "conll.txt").read_text()

@@ -84,7 +84,7 @@ def test_unresolvable_specs(spec):
 
 # ---- the built-in NER student ----
 
-STUDENT_SENTENCE = "Tim Cook, the chief executive of Apple, met Angela Merkel in Berlin on Monday."
+STUDENT_SENTENCE = "Angela Merkel met executives of Siemens in Munich on Tuesday."
 
 
 @pytest.mark.slow
@@ -93,6 +93,8 @@ def test_the_student_builds_offline_into_an_empty_cache_from_base_and_delta(tmp_
 
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from uniner.delta import from_signs
 
     monkeypatch.setenv("UNINER_CACHE_DIR", str(tmp_path / "cache"))
     folder = resolve_model("uniner-ner-135m")
@@ -107,7 +109,8 @@ def test_the_student_builds_offline_into_an_empty_cache_from_base_and_delta(tmp_
     ):
         name = "model.layers.7.mlp.down_proj.weight"
         up, down = stored.get_tensor(f"{name}.up").float(), stored.get_tensor(f"{name}.down").float()
-        assert rebuilt.get_tensor(name).allclose(base[name] + up @ down, atol=1e-6)
+        bits = from_signs(stored.get_tensor(f"{name}.signs"), stored.get_tensor(f"{name}.scales"), down.shape[1])
+        assert rebuilt.get_tensor(name).allclose(base[name] + (up @ down + bits), atol=1e-6)
         norm = "model.layers.7.input_layernorm.weight"
         assert rebuilt.get_tensor(norm).equal(stored.get_tensor(f"{norm}.full"))
     assert resolve_model("uniner-ner-135m") == folder  # built once
@@ -134,11 +137,10 @@ def test_extract_without_a_model_finds_entities_with_the_student(tmp_path):
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    row = json.loads(next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()[0])
+    row = json.loads(next((tmp_path / "out").glob("[!_]*.json")).read_text().splitlines()[0])
     found = {(e["type"], e["text"], e["start"], e["end"]) for e in row["entities"]}
-    assert found >= {
-        ("person", "Tim Cook", 0, 8),
-        ("organization", "Apple", 33, 38),
-        ("person", "Angela Merkel", 44, 57),
-        ("city", "Berlin", 61, 67),
-    }, found
+    assert found == {
+        ("person", "Angela Merkel", 0, 13),
+        ("organization", "Siemens", 32, 39),
+        ("city", "Munich", 43, 49),
+    }

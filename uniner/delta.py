@@ -1,9 +1,11 @@
-"""Compact students: a fine-tuned model stored as its base plus a low-rank difference.
+"""Compact students: a fine-tuned model stored as its base plus a compact difference.
 
-Full fine-tuning moves every weight, but the difference of each weight matrix from the base is close to low rank.
-`export` keeps the top singular directions of each matrix's difference as fp16 factors (`up @ down`), and every
-other tensor (norm scales) as it is; `rebuild` adds them back onto the base. The student's config files travel in
-the delta's metadata; its tokenizer must be the base's, which `export` checks.
+Full fine-tuning moves every weight a little. `export` stores each weight matrix's difference from the base as the
+fp16 factors of its top singular directions (`up @ down`) plus, by default, what they miss at one bit per weight
+(signs and a scale per row); every other tensor (norm scales) is stored as it is. `rebuild` adds them back onto the
+base. The student's config files travel in the delta's metadata; its tokenizer must be the base's, which `export`
+checks. For the 135M student: 23 MB against 540 MB of fp32 weights, keeping 79% of the difference's energy (rank 32
+without the bits: 21 MB, 62%).
 
     python -m uniner.delta export --student uniner-out/cpu-student/train --base smollm2-135m-instruct \\
         --output uniner/data/students/uniner-ner-135m/delta.safetensors
@@ -49,9 +51,31 @@ def low_rank(difference, rank: int):
     ).contiguous()
 
 
-def export(*, student: Path, base: Path, output: Path, rank: int = 32, embedding_rank: int = 16) -> dict[str, Any]:
+def signs_and_scales(residual):
+    """The 1-bit form of a matrix: its signs packed 8 to a byte (uint8) and one fp16 scale per row (the row's mean
+    absolute value), the best per-row sign approximation in squared error."""
+    import numpy as np
+    import torch
+
+    packed = torch.from_numpy(np.packbits(residual.numpy() > 0, axis=1))
+    return packed, residual.abs().mean(dim=1).to(torch.float16)
+
+
+def from_signs(packed, scales, columns: int):
+    """The matrix that signs_and_scales stored: +-scale per row."""
+    import numpy as np
+    import torch
+
+    signs = torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=columns).astype(np.float32)) * 2 - 1
+    return signs * scales.to(torch.float32)[:, None]
+
+
+def export(
+    *, student: Path, base: Path, output: Path, rank: int = 8, embedding_rank: int = 8, residual_bits: int = 1
+) -> dict[str, Any]:
     """Write the delta of `student` from `base` (two Hugging Face folders) to `output`; returns its report: size,
-    and the share of the difference's energy that the low-rank factors keep."""
+    and the share of the difference's energy that the stored form keeps. With `residual_bits=1`, what the low-rank
+    factors miss is stored as well, as signs and per-row scales (one bit per weight)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -67,12 +91,22 @@ def export(*, student: Path, base: Path, output: Path, rank: int = 32, embedding
         if weight.dim() == 2:
             up, down = low_rank(difference, embedding_rank if "embed" in name else rank)
             tensors[f"{name}.up"], tensors[f"{name}.down"] = up, down
-            kept += float(difference.square().sum() - (difference - up.float() @ down.float()).square().sum())
+            residual = difference - up.float() @ down.float()
+            if residual_bits:
+                packed, scales = signs_and_scales(residual)
+                tensors[f"{name}.signs"], tensors[f"{name}.scales"] = packed, scales
+                residual = residual - from_signs(packed, scales, residual.shape[1])
+            kept += float(difference.square().sum() - residual.square().sum())
         else:
             tensors[f"{name}.full"] = weight.to(torch.float32).contiguous()
             kept += float(difference.square().sum())
         total += float(difference.square().sum())
-    metadata = {"base_fingerprint": fingerprint(original), "rank": str(rank), "embedding_rank": str(embedding_rank)}
+    metadata = {
+        "base_fingerprint": fingerprint(original),
+        "rank": str(rank),
+        "embedding_rank": str(embedding_rank),
+        "residual_bits": str(residual_bits),
+    }
     metadata.update({name: (student / name).read_text() for name in CONFIG_FILES if (student / name).is_file()})
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, output, metadata=metadata)
@@ -96,6 +130,10 @@ def rebuild(*, base: Path, delta: Path, output: Path) -> None:
                 weights[name] = stored.get_tensor(key)
             elif part == "up":
                 change = stored.get_tensor(key).to(torch.float32) @ stored.get_tensor(f"{name}.down").to(torch.float32)
+                if f"{name}.signs" in stored.keys():
+                    change += from_signs(
+                        stored.get_tensor(f"{name}.signs"), stored.get_tensor(f"{name}.scales"), change.shape[1]
+                    )
                 weights[name] = (weights[name].to(torch.float32) + change).contiguous()
     output.mkdir(parents=True, exist_ok=True)
     save_file(weights, output / WEIGHTS, metadata={"format": "pt"})
@@ -116,8 +154,15 @@ def main() -> None:
     out.add_argument("--student", required=True, help="the fine-tuned model: a model spec (folder, built-in name)")
     out.add_argument("--base", required=True, help="the model it was fine-tuned from: a model spec")
     out.add_argument("--output", required=True, help="the .safetensors file to write")
-    out.add_argument("--rank", type=int, default=32, help="rank of each weight matrix's difference (default 32)")
-    out.add_argument("--embedding-rank", type=int, default=16, help="rank of the embedding's difference (default 16)")
+    out.add_argument("--rank", type=int, default=8, help="rank of each weight matrix's difference (default 8)")
+    out.add_argument("--embedding-rank", type=int, default=8, help="rank of the embedding's difference (default 8)")
+    out.add_argument(
+        "--residual-bits",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: also store what the low-rank factors miss, one bit per weight; 0: factors only (default 1)",
+    )
     back = commands.add_parser("rebuild", help="write the student a delta describes")
     back.add_argument("--base", required=True, help="the model spec the delta was made from")
     back.add_argument("--delta", required=True, help="the .safetensors delta")
@@ -130,6 +175,7 @@ def main() -> None:
             output=Path(args.output),
             rank=args.rank,
             embedding_rank=args.embedding_rank,
+            residual_bits=args.residual_bits,
         )
         print(json.dumps(report, indent=2))
     else:

@@ -292,16 +292,20 @@ def _dataset_format(config: ExtractConfig) -> str:
     return "parquet" if config.output_format == "parquet" else "json"
 
 
-def _output_counts(config: ExtractConfig, output: storage.Location) -> dict[str, int]:
+def _output_counts(config: ExtractConfig, output: storage.Location) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     dataset = pads.dataset(output.path, filesystem=output.fs, format=_dataset_format(config))
-    counts = {"documents_written": 0, "entities": 0, "unmatched": 0}
+    counts = {"documents_written": 0, "documents_with_entities": 0, "entities": 0, "unmatched": 0}
+    by_type: Counter = Counter()
     for batch in dataset.to_batches(columns=["entities", "unmatched"]):
         counts["documents_written"] += batch.num_rows
-        counts["entities"] += pc.sum(pc.list_value_length(batch["entities"])).as_py() or 0
+        lengths = pc.list_value_length(batch["entities"])
+        counts["documents_with_entities"] += pc.sum(pc.greater(lengths, 0)).as_py() or 0
+        counts["entities"] += pc.sum(lengths).as_py() or 0
         counts["unmatched"] += pc.sum(pc.list_value_length(batch["unmatched"])).as_py() or 0
-    return counts
+        by_type.update(pc.list_flatten(batch["entities"]).field("type").to_pylist())
+    return {**counts, "entities_by_type": dict(by_type.most_common())}
 
 
 def run(config: ExtractConfig) -> dict[str, Any]:
@@ -399,8 +403,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"documents written:  {summary['documents_written']} (rejected, with their reason: {rejected})",
         f"queries:            {summary['queries']} ({summary['queries_per_s']}/s while the engine ran; "
         f"{summary['backend']})",
-        f"entities:           {summary['entities']} with offsets; "
+        f"entities:           {summary['entities']} with offsets, in {summary['documents_with_entities']} documents; "
         f"{summary['unmatched']} answers not found in the text (column unmatched)",
+        "by type:            " + (", ".join(f"{t} {n}" for t, n in summary["entities_by_type"].items()) or "none"),
         *(
             [f"page to open:       {summary['output']}/{EXPORT_DIR}/{spans.HTML_FILE}"]
             if "html" in summary["config"]["export"]

@@ -20,7 +20,7 @@ _terminal: TextIO | None = None  # the terminal's stderr within quiet_terminal()
 _diverted: dict[str, str] = {}  # where the output kept out of the terminal went: "stderr" file, Ray's "logs" folder
 # uniner's own lines among those Ray forwards from its workers: progress lines (`uniner train: step ...`) and
 # uniner loggers' records (`12:00:00 uniner.extract: ...`, as worker_logging formats them).
-OWN_LINE = re.compile(r"^(\d\d:\d\d:\d\d )?uniner[\w.]*: ")
+OWN_LINE = re.compile(r"^(\d\d:\d\d:\d\d )?uniner(\.[\w.]+| [\w-]+)?: ")
 
 
 @contextmanager
@@ -98,9 +98,10 @@ def _forward_only_own_lines() -> None:
 
     def print_own_lines(data: dict[str, Any]) -> None:
         source = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+        stream = terminal() if data.get("is_err") else sys.stdout
         for line in data.get("lines", []):
             if OWN_LINE.match(line):
-                print(f"{source} {line}", flush=True)
+                print(f"{source} {line}", file=stream, flush=True)
 
     dispatcher.add_handler("ray_print_logs", print_own_lines)
 
