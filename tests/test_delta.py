@@ -46,18 +46,16 @@ def fine_tuned(base, student_folder, *, rank: int) -> dict[str, torch.Tensor]:
     return weights
 
 
+def export(tmp_path, name: str, **settings) -> dict:
+    """Export tmp_path/student's delta from tmp_path/base to tmp_path/NAME."""
+    return delta.export(student=tmp_path / "student", base=tmp_path / "base", output=tmp_path / name, **settings)
+
+
 def test_a_low_rank_change_round_trips_within_fp16(tmp_path):
     base = tmp_path / "base"
     tiny_model(base, seed=0)
     student = fine_tuned(base, tmp_path / "student", rank=2)
-    report = delta.export(
-        student=tmp_path / "student",
-        base=base,
-        output=tmp_path / "d.safetensors",
-        rank=4,
-        embedding_rank=4,
-        residual_bits=0,
-    )
+    report = export(tmp_path, "d.safetensors", rank=4, embedding_rank=4, residual_bits=0)
     assert report["energy_kept"] > 0.999
     delta.rebuild(base=base, delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")
     rebuilt = load_file(tmp_path / "rebuilt" / delta.WEIGHTS)
@@ -71,22 +69,8 @@ def test_a_rank_below_the_change_keeps_less_and_is_smaller(tmp_path):
     base = tmp_path / "base"
     tiny_model(base, seed=0)
     fine_tuned(base, tmp_path / "student", rank=8)
-    full = delta.export(
-        student=tmp_path / "student",
-        base=base,
-        output=tmp_path / "a.safetensors",
-        rank=8,
-        embedding_rank=8,
-        residual_bits=0,
-    )
-    cut = delta.export(
-        student=tmp_path / "student",
-        base=base,
-        output=tmp_path / "b.safetensors",
-        rank=2,
-        embedding_rank=2,
-        residual_bits=0,
-    )
+    full = export(tmp_path, "a.safetensors", rank=8, embedding_rank=8, residual_bits=0)
+    cut = export(tmp_path, "b.safetensors", rank=2, embedding_rank=2, residual_bits=0)
     assert cut["energy_kept"] < 0.9 < full["energy_kept"]
     assert cut["bytes"] < full["bytes"]
 
@@ -95,7 +79,7 @@ def test_a_delta_refuses_another_base(tmp_path):
     tiny_model(tmp_path / "base", seed=0)
     tiny_model(tmp_path / "other", seed=3)
     fine_tuned(tmp_path / "base", tmp_path / "student", rank=2)
-    delta.export(student=tmp_path / "student", base=tmp_path / "base", output=tmp_path / "d.safetensors")
+    export(tmp_path, "d.safetensors")
     with pytest.raises(ValueError, match="another base"):
         delta.rebuild(base=tmp_path / "other", delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")
 
@@ -104,22 +88,8 @@ def test_a_one_bit_residual_keeps_more_and_the_rebuild_is_what_export_measured(t
     base = tmp_path / "base"
     tiny_model(base, seed=0)
     student = fine_tuned(base, tmp_path / "student", rank=16)
-    plain = delta.export(
-        student=tmp_path / "student",
-        base=base,
-        output=tmp_path / "a.safetensors",
-        rank=2,
-        embedding_rank=2,
-        residual_bits=0,
-    )
-    hybrid = delta.export(
-        student=tmp_path / "student",
-        base=base,
-        output=tmp_path / "b.safetensors",
-        rank=2,
-        embedding_rank=2,
-        residual_bits=1,
-    )
+    plain = export(tmp_path, "a.safetensors", rank=2, embedding_rank=2, residual_bits=0)
+    hybrid = export(tmp_path, "b.safetensors", rank=2, embedding_rank=2, residual_bits=1)
     assert plain["energy_kept"] < hybrid["energy_kept"] < 1
     delta.rebuild(base=base, delta=tmp_path / "b.safetensors", output=tmp_path / "rebuilt")
     rebuilt, original = load_file(tmp_path / "rebuilt" / delta.WEIGHTS), load_file(base / delta.WEIGHTS)
