@@ -26,6 +26,7 @@ from uniner.conversations import (
     check_conversation,
     conversation,
     dataset_name_of,
+    dump_records,
     eval_queries,
     question_type,
     text_of,
@@ -314,11 +315,6 @@ def keep_share(records: list[dict[str, Any]], share: float, *, seed: int, key: s
     return [records[i] for i in sorted(kept)]
 
 
-def dump_records(records: list[dict[str, Any]]) -> str:
-    """A JSON list with one record per line: valid `train.json`, and readable with `head`."""
-    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
-
-
 def plan(config: BuildDataConfig) -> list[str]:
     lines = []
     for uri in config.input:
@@ -341,25 +337,37 @@ def plan(config: BuildDataConfig) -> list[str]:
     return lines + [f"write {target} and _summary.json to {config.output}"]
 
 
+def _narrow(built: dict[str, list[dict[str, Any]]], select, report: dict[str, Any], reason: str):
+    """`select` applied to the records of every output file, with the number it left out counted as `reason`."""
+    before = sum(map(len, built.values()))
+    built = {name: select(records) for name, records in built.items()}
+    report["counts"][reason] = before - sum(map(len, built.values()))
+    return built
+
+
 def run(config: BuildDataConfig) -> dict[str, Any]:
     output = config.locate(config.output)
+    heldout = heldout_texts(config)  # read before the output is cleared: a bad --holdout file stops the stage here
     storage.prepare_output(output, overwrite=config.overwrite)
     outputs: dict[str, list[dict[str, Any]]] = {}
     reports = []
-    heldout = heldout_texts(config)
     for index, uri in enumerate(config.input):
         built, report = build(uri, config)
         if heldout:
-            before = sum(map(len, built.values()))
-            built = {name: [r for r in records if text_of(r) not in heldout] for name, records in built.items()}
-            report["counts"]["records held out by --holdout"] = before - sum(map(len, built.values()))
+            built = _narrow(
+                built,
+                lambda records: [r for r in records if text_of(r) not in heldout],
+                report,
+                "records held out by --holdout",
+            )
         if config.input_shares and config.input_shares[index] < 1:  # statistics stay those of the whole input
-            before = sum(map(len, built.values()))
-            built = {
-                name: keep_share(records, config.input_shares[index], seed=config.seed, key=uri)
-                for name, records in built.items()
-            }
-            report["counts"]["records left out by --input-shares"] = before - sum(map(len, built.values()))
+            share = config.input_shares[index]
+            built = _narrow(
+                built,
+                lambda records: keep_share(records, share, seed=config.seed, key=uri),
+                report,
+                "records left out by --input-shares",
+            )
         for name, records in built.items():
             outputs.setdefault(name, []).extend(records)
         reports.append(report)
@@ -371,16 +379,11 @@ def run(config: BuildDataConfig) -> dict[str, Any]:
             "check the input, or keep entities the teacher placed outside their passage with "
             "--drop-entities-not-in-text false"
         )
-    if config.type_forms or config.lowercase_share:
-        outputs = {
-            name: [
-                vary_forms(r, type_forms=config.type_forms, lowercase_share=config.lowercase_share, seed=config.seed)
-                for r in records
-            ]
-            if name == CONVERSATIONS_FILE
-            else records
-            for name, records in outputs.items()
-        }
+    if (config.type_forms or config.lowercase_share) and CONVERSATIONS_FILE in outputs:  # not evaluation queries
+        outputs[CONVERSATIONS_FILE] = [
+            vary_forms(r, type_forms=config.type_forms, lowercase_share=config.lowercase_share, seed=config.seed)
+            for r in outputs[CONVERSATIONS_FILE]
+        ]
     for name, records in outputs.items():
         storage.write_text(output.join(name), dump_records(records))
         log.info("wrote %d records to %s", len(records), output.join(name))

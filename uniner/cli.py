@@ -146,9 +146,8 @@ def _run(args: argparse.Namespace, terminal) -> int:
     )
     for noisy in ("filelock", "urllib3", "botocore", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if (
-        not args.debug
-    ):  # Ray core's INFO lines on the driver (Ray Data configures its own logger); uniner says what runs
+    # Ray core's INFO lines on the driver (Ray Data configures its own logger); uniner says what runs.
+    if not args.debug:
         logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         return args.handler(args)

@@ -91,6 +91,11 @@ def text_of(record: dict[str, Any]) -> str:
     return record["conversations"][0]["value"].partition("Text: ")[2]
 
 
+def dump_records(records: list[dict[str, Any]]) -> str:
+    """A JSON list with one record per line: valid `train.json`, and readable with `head`."""
+    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
+
+
 def type_statistics(mentions: Counter, *, head: int = 10) -> dict[str, Any]:
     """Paper-style statistics of a type distribution: mentions, types, the head and the tail."""
     ranked = mentions.most_common()

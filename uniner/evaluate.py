@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Iterable
 
 from uniner import bio, storage
 from uniner.config import EvaluateConfig, to_dict
@@ -443,6 +443,12 @@ def plan(config: EvaluateConfig) -> list[str]:
     return lines + [source, f"write report.json, report.md and report.png to {config.output}"]
 
 
+def mean_f1(values: Iterable[float]) -> float:
+    """The plain mean of per-dataset F1 (the official average); 0 with no dataset."""
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
 def run(config: EvaluateConfig) -> dict[str, Any]:
     output = config.locate(config.output)
     datasets = load_queries(config)
@@ -465,7 +471,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         baseline = {
             "subject": config.baseline,
             "f1": baseline_f1,
-            "average_f1": sum(baseline_f1.values()) / len(baseline_f1) if baseline_f1 else 0.0,
+            "average_f1": mean_f1(baseline_f1.values()),
         }
     covered, queries = covered_queries(datasets, outputs)
     report = {
@@ -473,7 +479,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "protocol": "UniNER official: answer after the last ASSISTANT:, JSON list at its start, SQuAD normalization, "
         "deduplicated, micro P/R/F1 per dataset, plain mean of F1 over datasets",
         "datasets": scores,
-        "average_f1": sum(s["f1"] for s in scores.values()) / len(scores) if scores else 0.0,
+        "average_f1": mean_f1(s["f1"] for s in scores.values()),
         "unknown_predictions": unknown,
         "coverage": covered / queries if queries else 1.0,
         "seconds": round(time.time() - started, 1),

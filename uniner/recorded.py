@@ -35,8 +35,10 @@ def recorded_passages() -> list[dict[str, Any]]:
 
 def heldout_texts() -> set[str]:
     """The passages of the held-out evaluation queries."""
+    from uniner.conversations import text_of
+
     queries = json.loads(resources.files("uniner.data").joinpath(HELDOUT).read_text(encoding="utf-8"))
-    return {query["conversations"][0]["value"].removeprefix("Text: ") for query in queries}
+    return {text_of(query) for query in queries}
 
 
 def answer_for(passage: str, recording: list[dict[str, Any]]) -> str:
@@ -104,17 +106,19 @@ def build_recording(source: str, folder: str, *, passages: int = 300, heldout: i
     type): the first `passages` records, in id order, with at least one entity, as `recorded.jsonl`; and the last
     `heldout` of them as `pile-ner-heldout.json`, evaluation queries (one per passage and asked type, the teacher's
     answer as the reference, `[]` included) that the demo evaluates on and never trains on."""
+    from uniner.conversations import dump_records, question_type, text_of
+
     records = sorted(json.loads(open(source, encoding="utf-8").read()), key=lambda r: r["id"])
     kept = []
     for record in records:
         turns = [turn["value"] for turn in record["conversations"]]
         entities = [
-            [entity, turns[i].removeprefix("What describes ").removesuffix(" in the text?")]
+            [entity, question_type(turns[i])]
             for i in range(2, len(turns) - 1, 2)
             for entity in json.loads(turns[i + 1])
         ]
         if entities:
-            kept.append((record, {"id": record["id"], "text": turns[0].removeprefix("Text: "), "entities": entities}))
+            kept.append((record, {"id": record["id"], "text": text_of(record), "entities": entities}))
         if len(kept) == passages:
             break
     with open(f"{folder}/recorded.jsonl", "w", encoding="utf-8") as out:
@@ -128,7 +132,7 @@ def build_recording(source: str, folder: str, *, passages: int = 300, heldout: i
         for index in range(2, len(record["conversations"]) - 1, 2)
     ]
     with open(f"{folder}/{HELDOUT.rsplit('/', 1)[1]}", "w", encoding="utf-8") as out:
-        out.write("[\n" + ",\n".join(json.dumps(q, ensure_ascii=False) for q in queries) + "\n]\n")
+        out.write(dump_records(queries))
 
 
 if __name__ == "__main__":  # python -m uniner.recorded PILE_NER_TYPE.json uniner/data/pile_ner_sample

@@ -15,8 +15,8 @@ from uniner.errors import UserError
 
 log = logging.getLogger(__name__)
 _embedded_gcs_address: str | None = None  # the GCS of the local Ray that init_ray started, if any
-_quiet = False  # within quiet_terminal(): an embedded Ray keeps its output out of the terminal
-_terminal: TextIO | None = None  # the terminal's stderr within quiet_terminal()
+# The terminal's stderr within quiet_terminal(), where an embedded Ray keeps its output out of the terminal.
+_terminal: TextIO | None = None
 _diverted: dict[str, str] = {}  # where the output kept out of the terminal went: "stderr" file, Ray's "logs" folder
 # uniner's own lines among those Ray forwards from its workers: progress lines (`uniner train: step ...`) and
 # uniner loggers' records (`12:00:00 uniner.extract: ...`, as worker_logging formats them).
@@ -32,10 +32,9 @@ def quiet_terminal() -> Iterator[TextIO]:
     Ray forwards from its workers (vLLM's engine logs, the tracebacks of a normal vLLM shutdown) only uniner's own
     reach the terminal; Ray keeps every worker line in its log folder. `diverted()` says where both are.
     """
-    global _quiet, _terminal
+    global _terminal
     _terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     saved_fd, saved_stream = os.dup(2), sys.stderr
-    _quiet = True
     try:
         yield _terminal
     finally:
@@ -43,7 +42,6 @@ def quiet_terminal() -> Iterator[TextIO]:
             import ray
 
             ray.shutdown()
-        _quiet = False
         _terminal = None  # logging handlers may still hold it; it stays open until the process ends
         sys.stderr.flush()
         os.dup2(saved_fd, 2)
@@ -128,17 +126,18 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     log.info("Starting an embedded local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
     # address="local": never attach to a cluster that someone started on this machine with `ray start`.
     global _embedded_gcs_address
-    if _quiet:
+    quiet = _terminal is not None
+    if quiet:
         _divert_stderr()
     ray.init(
         address="local",
         num_cpus=cpus,
         include_dashboard=False,
         configure_logging=False,
-        runtime_env={"worker_process_setup_hook": "uniner.session.worker_logging"} if _quiet else None,
+        runtime_env={"worker_process_setup_hook": "uniner.session.worker_logging"} if quiet else None,
     )
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
-    if _quiet:
+    if quiet:
         _forward_only_own_lines()
         _diverted["logs"] = _ray_logs_folder()
     _quiet_data_progress()
@@ -160,7 +159,7 @@ def _quiet_data_progress() -> None:
 
     context = ray.data.DataContext.get_current()
     context.print_on_execution_start = False
-    if _quiet or not sys.stderr.isatty():
+    if _terminal is not None or not sys.stderr.isatty():
         context.enable_progress_bars = False
 
 
