@@ -34,10 +34,26 @@ SLOW_FIXTURES = {
 SLOW_FILES = {"test_end_to_end.py", "test_multinode.py", "test_ray_job.py"}
 
 
+# The files that take longest, longest first: pytest-xdist hands out whole files in collection order, so starting
+# these first keeps the two processes busy to the end instead of leaving one running a long file alone.
+LONGEST_FILES = [
+    "test_end_to_end.py",
+    "test_multinode.py",
+    "test_ray_job.py",
+    "test_extract.py",
+    "test_annotate.py",
+    "test_train.py",
+    "test_models.py",
+    "test_passages.py",
+]
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

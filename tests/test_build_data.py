@@ -17,6 +17,7 @@ from uniner.build_data import NegativeSampler, run, type_variant_merges, vary_fo
 from uniner.config import BuildDataConfig
 from uniner.conversations import type_statistics
 from uniner.errors import UserError
+from uniner.formats import question
 
 ACK = {"from": "gpt", "value": "I've read this text."}
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -361,6 +362,39 @@ def test_type_forms_and_lower_case_records_are_seeded_and_keep_answers(tmp_path)
         "programming_language",
     }
     assert vary_forms(record, type_forms=False, lowercase_share=0.0, seed=0) == record
+
+
+def _passage(record_id, text, qa):
+    turns = [{"from": "human", "value": f"Text: {text}"}, ACK]
+    for entity_type, answer in qa:
+        turns += [{"from": "human", "value": question(entity_type)}, {"from": "gpt", "value": answer}]
+    return {"id": record_id, "conversations": turns}
+
+
+def test_absent_types_come_from_other_records_and_skip_types_the_text_visibly_holds(tmp_path):
+    records = [
+        _passage("a", "Ada Lovelace wrote in London.", [("person", '["Ada Lovelace"]')]),
+        _passage("b", "Python runs on Linux.", [("programming language", '["Python"]'), ("city", "[]")]),
+        _passage("c", "The Rhine flows past Basel.", [("river", '["Rhine"]')]),
+        _passage("d", "London and Basel grew.", [("city", '["London", "Basel"]')]),
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    built, report = _build(tmp_path, input=tmp_path / "in.json", absent_types_per_passage=2)
+    named = {"person", "programming language", "river", "city"}  # "city" asked of b is not a source: no entity
+    added = {}
+    for before, after in zip(records, built):
+        qa = _qa(after)
+        assert qa[: len(_qa(before))] == _qa(before)  # the record's own questions stay, first and unchanged
+        extra = qa[len(_qa(before)) :]
+        assert all(answer == "[]" for _, answer in extra)
+        added[after["id"]] = {q.removeprefix("What describes ").removesuffix(" in the text?") for q, _ in extra}
+    assert all(types <= named for types in added.values())
+    assert added["a"] == {"programming language", "river"}  # "city": London, a city elsewhere, is in its text
+    assert added["b"] == {"person", "river"}  # asks city itself
+    assert added["c"] == {"person", "programming language"}  # "city": Basel
+    assert len(added["d"]) == 2 and "city" not in added["d"]
+    assert report["statistics"]["absent_type_questions"] == 8
+    assert _build(tmp_path, input=tmp_path / "in.json", absent_types_per_passage=2, overwrite=True)[0] == built
 
 
 def test_the_demo_evaluation_passages_stay_out_of_the_student_recipe(tmp_path, shared_data, monkeypatch):

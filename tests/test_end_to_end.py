@@ -1,5 +1,6 @@
-"""The whole pipeline through the CLI, as the main job runs it but smaller, with the document lake, the seed data and
-the evaluation data on the local S3 server (the stages' outputs stay on local disk: checkpoints on moto are slow)."""
+"""The whole pipeline through the CLI, as the main job runs it but smaller (the recorded teacher, 12 documents), with
+the document lake and the evaluation data on the local S3 server (the stages' outputs stay on local disk: checkpoints
+on moto are slow)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from uniner import storage
-from uniner.corpus import write_sample_corpus
+from uniner import recorded, storage
+from uniner.corpus import write_recorded_corpus
 
 STAGES = ["passages", "annotate", "build-data", "train", "extract", "evaluate"]
 
@@ -26,37 +27,16 @@ def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
         Key="eval/news/dev.txt",
         Body=b"Maria\tB-person\nKeller\tI-person\nflew\tO\nto\tO\nBerlin\tB-location\n.\tO\n",
     )
-    # The stand-in teacher (a 135M model) rarely answers in the teacher format, so a tiny labelled seed set goes
-    # into build-data beside its annotations: training always has something to learn from.
-    seed = [
-        {
-            "id": f"seed-{i}",
-            "conversations": [
-                {"from": "human", "value": f"Text: {person} opened an office in {city}."},
-                {"from": "gpt", "value": "I've read this text."},
-                {"from": "human", "value": "What describes person in the text?"},
-                {"from": "gpt", "value": json.dumps([person])},
-                {"from": "human", "value": "What describes location in the text?"},
-                {"from": "gpt", "value": json.dumps([city])},
-            ],
-        }
-        for i, (person, city) in enumerate([("Maria Keller", "Berlin"), ("Chen Wei", "Osaka")])
-    ]
-    client.put_object(Bucket=bucket, Key="seed/train.json", Body=json.dumps(seed).encode())
     lake = f"{s3_bucket}/lake"
-    write_sample_corpus(lake, documents=12, files=2, s3_endpoint_url=s3_endpoint)
+    write_recorded_corpus(lake, documents=12, s3_endpoint_url=s3_endpoint)
     workdir = str(tmp_path / "run")
     config = {
         "workdir": workdir,
         "s3_endpoint_url": s3_endpoint,
-        "stand_in_teacher": "smollm2-135m-instruct",
+        "recorded_teacher": True,
         "stages": STAGES,
-        "passages": {"input": lake, "sample_size": 12},
-        "annotate": {"max_tokens": 128, "num_actors": 1, "cache": "off"},
-        "build-data": {
-            "input": [f"{workdir}/annotate", f"{s3_bucket}/seed/train.json"],
-            "drop_entities_not_in_text": False,
-        },
+        "passages": {"input": lake, "id_field": "id", "max_tokens": 256, "sample_size": 12},
+        "annotate": {"num_actors": 1, "cache": "off"},
         "train": {"max_steps": 2, "batch_size": 2, "max_length": 384, "cpus_per_worker": 1},
         "extract": {"types": ["person", "location"], "max_new_tokens": 24},
         "evaluate": {
@@ -75,9 +55,8 @@ def test_pipeline_end_to_end_on_s3(tmp_path, s3_bucket, s3_endpoint):
 
     location = storage.locate(workdir, s3_endpoint_url=s3_endpoint)
     annotations = pads.dataset(location.join("annotate").path, filesystem=location.fs, format="parquet").to_table()
-    assert annotations.num_rows == 12 and set(annotations["teacher_model"].to_pylist()) == {
-        "STAND-IN-TEACHER:smollm2-135m-instruct"
-    }
+    assert annotations.num_rows == 12 and set(annotations["teacher_model"].to_pylist()) == {recorded.TEACHER}
+    assert set(annotations["status"].to_pylist()) == {"ok"}
     extractions = pads.dataset(location.join("extract").path, filesystem=location.fs, format="parquet").to_table()
     assert (
         sorted(extractions["doc_id"].to_pylist()) == sorted(set(extractions["doc_id"].to_pylist()))

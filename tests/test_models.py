@@ -1,7 +1,5 @@
 """Model specs -> local folders: the built-in model, local folders, s3:// prefixes, hub ids, and bad specs."""
 
-import json
-
 import pytest
 
 from uniner import storage
@@ -84,8 +82,6 @@ def test_unresolvable_specs(spec):
 
 # ---- the built-in NER student ----
 
-STUDENT_SENTENCE = "Angela Merkel met executives of Siemens in Munich on Tuesday."
-
 
 @pytest.mark.slow
 def test_the_student_builds_offline_into_an_empty_cache_from_base_and_delta(tmp_path, monkeypatch):
@@ -114,33 +110,3 @@ def test_the_student_builds_offline_into_an_empty_cache_from_base_and_delta(tmp_
         norm = "model.layers.7.input_layernorm.weight"
         assert rebuilt.get_tensor(norm).equal(stored.get_tensor(f"{norm}.full"))
     assert resolve_model("uniner-ner-135m") == folder  # built once
-
-
-@pytest.mark.slow
-def test_extract_without_a_model_finds_entities_with_the_student(tmp_path):
-    from conftest import run_cli
-
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "news.jsonl").write_text(json.dumps({"id": "d1", "text": STUDENT_SENTENCE}) + "\n")
-    result = run_cli(
-        "extract",
-        "--input",
-        str(tmp_path / "docs"),
-        "--output",
-        str(tmp_path / "out"),
-        "--id-field",
-        "id",
-        "--types",
-        "person,organization,city",
-        "--output-format",
-        "jsonl",
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    row = json.loads(next((tmp_path / "out").glob("[!_]*.json")).read_text().splitlines()[0])
-    found = {(e["type"], e["text"], e["start"], e["end"]) for e in row["entities"]}
-    assert found == {
-        ("person", "Angela Merkel", 0, 13),
-        ("organization", "Siemens", 32, 39),
-        ("city", "Munich", 43, 49),
-    }

@@ -159,9 +159,10 @@ class RayCluster:
         for process in self.processes:  # `ray start --block` takes its node's processes down on SIGTERM
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.time() + 10  # past it, a node that is still tidying up is killed: the folder goes anyway
         for process in self.processes:
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
             try:

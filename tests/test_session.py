@@ -40,3 +40,23 @@ def test_diverted_stderr_goes_to_a_file_and_own_lines_to_the_terminal(tmp_path):
     assert result.stderr.splitlines() == ["uniner: our line", "after the block"]
     diverted = open(result.stdout.strip()).read()
     assert "core_worker.cc: a C++ line" in diverted and "a library warning" in diverted
+
+
+def test_embedded_ray_workers_import_the_drivers_uniner(ray_session):
+    """Workers put this uniner first on their path, so a checkout run without installing works: a worker that could
+    not import uniner would fail its setup hook, and Ray retries such tasks without end."""
+    import os
+
+    import ray
+
+    import uniner
+
+    @ray.remote
+    def where() -> tuple[str, str]:
+        import uniner
+
+        return uniner.__file__, os.environ["PYTHONPATH"]
+
+    path, python_path = ray.get(where.remote())
+    assert path == uniner.__file__
+    assert python_path.split(os.pathsep)[0] == os.path.dirname(os.path.dirname(uniner.__file__))

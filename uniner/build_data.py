@@ -38,6 +38,7 @@ from uniner.formats import question
 log = logging.getLogger("uniner.build_data")
 
 CONVERSATIONS_FILE = "conversations.json"
+EMPTY_ANSWER = {"from": "gpt", "value": bio.answer([])}
 BIO_SUFFIXES = (".txt", ".bio", ".conll", ".tsv")
 CONVERSATION_SUFFIXES = (".json", ".jsonl")
 
@@ -193,7 +194,38 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
             mentions[entity_type] += len(json.loads(turns[index + 1]["value"]))
         records.append(record)
     mentions = +mentions  # types only ever answered [] have no mention
-    return records, {"counts": dict(counts), "statistics": {"passages": len(records), **type_statistics(mentions)}}
+    statistics = {"passages": len(records), **type_statistics(mentions)}
+    if config.absent_types_per_passage:
+        records, statistics["absent_type_questions"] = add_absent_types(records, config)
+    return records, {"counts": dict(counts), "statistics": statistics}
+
+
+def add_absent_types(records: list[dict[str, Any]], config: BuildDataConfig) -> tuple[list[dict[str, Any]], int]:
+    """Each record with `absent_types_per_passage` more questions answered []: types other records' answers name,
+    drawn uniformly among those the record does not ask. Sampled labels ask only some of a passage's types, so a
+    type stays out when its text holds any entity the file gives that type elsewhere, and uniform draws favour the
+    specific types of the long tail over `person` or `date`, which an unrelated passage often holds unasked."""
+    entities_by_type: dict[str, set[str]] = {}
+    for record in records:
+        turns = record["conversations"]
+        for index in range(2, len(turns), 2):
+            answer = json.loads(turns[index + 1]["value"])
+            if answer:
+                entities_by_type.setdefault(question_type(turns[index]["value"]), set()).update(
+                    e.lower() for e in answer
+                )
+    sampler = NegativeSampler(Counter(dict.fromkeys(entities_by_type, 1)), seed=config.seed)
+    extended, added = [], 0
+    for record in records:
+        turns = record["conversations"]
+        text = text_of(record).lower()
+        asked = {question_type(turns[index]["value"]) for index in range(2, len(turns), 2)}
+        present = {t for t, entities in entities_by_type.items() if any(e in text for e in entities)}
+        absent = sampler.sample(record["id"], exclude=asked | present, k=config.absent_types_per_passage)
+        questions = [turn for t in absent for turn in ({"from": "human", "value": question(t)}, EMPTY_ANSWER)]
+        extended.append({**record, "conversations": turns + questions})
+        added += len(absent)
+    return extended, added
 
 
 # ---------------------------------------------------------------- BIO files
@@ -410,6 +442,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         if stats["head"]:
             lines.append("  most frequent types: " + ", ".join(f"{t} ({n})" for t, n in stats["head"]))
         lines.extend(f"  {what}: {n}" for what, n in sorted(report["counts"].items()))
+        if stats.get("absent_type_questions"):
+            lines.append(f"  questions added for absent types (answered []): {stats['absent_type_questions']}")
         if stats.get("type_merges"):
             lines.append(f"  merged {len(stats['type_merges'])} type variants (listed in _summary.json)")
     return lines

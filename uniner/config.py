@@ -203,6 +203,11 @@ class BuildDataConfig(StageConfig):
     negatives_per_passage: int = setting(
         2, "Negative types per annotated passage, drawn by type frequency, answered []."
     )
+    absent_types_per_passage: int = setting(
+        0,
+        "Conversation inputs: questions answered [] added to each record, for types other records name and this "
+        "one neither asks nor visibly holds (uniform draws, seeded); 0 adds none.",
+    )
     drop_entities_not_in_text: bool = setting(
         True, "Drop teacher entities that do not occur in their passage (counted)."
     )
@@ -259,6 +264,8 @@ class BuildDataConfig(StageConfig):
             raise UserError(f"unknown --bio-column-order {self.bio_column_order!r}: use auto, token-tag or tag-token")
         if self.negatives_per_passage < 0:
             raise UserError("--negatives-per-passage cannot be negative")
+        if self.absent_types_per_passage < 0:
+            raise UserError("--absent-types-per-passage cannot be negative")
         if not 0 <= self.lowercase_share <= 1:
             raise UserError(f"--lowercase-share must be between 0 and 1, got {self.lowercase_share}")
 

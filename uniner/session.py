@@ -104,6 +104,14 @@ def _forward_only_own_lines() -> None:
     dispatcher.add_handler("ray_print_logs", print_own_lines)
 
 
+def _worker_python_path() -> str:
+    """PYTHONPATH for the embedded Ray's workers: the folder holding this uniner first, so that workers import the
+    driver's code even when it runs from a checkout that is not installed (a worker that cannot import uniner
+    fails its setup hook, and Ray retries such tasks without end)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+
+
 def init_ray(*, num_cpus: int | None = None) -> None:
     """Connect to RAY_ADDRESS when set, otherwise start a local Ray sized to this machine; say which."""
     import ray
@@ -129,13 +137,10 @@ def init_ray(*, num_cpus: int | None = None) -> None:
     quiet = _terminal is not None
     if quiet:
         _divert_stderr()
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        include_dashboard=False,
-        configure_logging=False,
-        runtime_env={"worker_process_setup_hook": "uniner.session.worker_logging"} if quiet else None,
-    )
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": _worker_python_path()}}
+    if quiet:
+        runtime_env["worker_process_setup_hook"] = "uniner.session.worker_logging"
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
     _embedded_gcs_address = ray.get_runtime_context().gcs_address
     if quiet:
         _forward_only_own_lines()
