@@ -158,16 +158,11 @@ def read_output(folder) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def worker_env():
-    """Ray workers (and the CLI's subprocesses) import this checkout's `uniner`; the fault server's key is set."""
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), previous) if p)
+    """The fault server's key, for this process and the CLI's subprocesses (Ray workers import the driver's `uniner`
+    on their own: uniner.session puts it first on their PYTHONPATH)."""
     os.environ["UNINER_TEST_KEY"] = SECRET
     yield
     os.environ.pop("UNINER_TEST_KEY", None)
-    if previous is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = previous
 
 
 def fault_config(server, passages, output, tmp_path, **overrides):

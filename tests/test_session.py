@@ -1,5 +1,6 @@
 """The terminal of a CLI run: uniner's own lines stay, everything else goes to files that the run names."""
 
+import os
 import subprocess
 import sys
 
@@ -45,8 +46,6 @@ def test_diverted_stderr_goes_to_a_file_and_own_lines_to_the_terminal(tmp_path):
 def test_embedded_ray_workers_import_the_drivers_uniner(ray_session):
     """Workers put this uniner first on their path, so a checkout run without installing works: a worker that could
     not import uniner would fail its setup hook, and Ray retries such tasks without end."""
-    import os
-
     import ray
 
     import uniner

@@ -38,7 +38,6 @@ from uniner.formats import question
 log = logging.getLogger("uniner.build_data")
 
 CONVERSATIONS_FILE = "conversations.json"
-EMPTY_ANSWER = {"from": "gpt", "value": bio.answer([])}
 BIO_SUFFIXES = (".txt", ".bio", ".conll", ".tsv")
 CONVERSATION_SUFFIXES = (".json", ".jsonl")
 
@@ -184,6 +183,7 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
     location = config.locate(uri)
     counts: Counter = Counter()
     records, mentions = [], Counter()
+    entities_by_type: dict[str, set[str]] = {}  # lower-cased, for --absent-types-per-passage
     for where, raw in storage.read_json_records(location):
         record = check_conversation(raw, f"{where} (id {raw.get('id') if isinstance(raw, dict) else '?'})", counts)
         if record is None:
@@ -191,29 +191,26 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
         turns = record["conversations"]
         for index in range(2, len(turns), 2):
             entity_type = question_type(turns[index]["value"])
-            mentions[entity_type] += len(json.loads(turns[index + 1]["value"]))
+            answer = json.loads(turns[index + 1]["value"])
+            mentions[entity_type] += len(answer)
+            if answer:
+                entities_by_type.setdefault(entity_type, set()).update(e.lower() for e in answer)
         records.append(record)
     mentions = +mentions  # types only ever answered [] have no mention
     statistics = {"passages": len(records), **type_statistics(mentions)}
     if config.absent_types_per_passage:
-        records, statistics["absent_type_questions"] = add_absent_types(records, config)
+        records, statistics["absent_type_questions"] = add_absent_types(records, entities_by_type, config)
     return records, {"counts": dict(counts), "statistics": statistics}
 
 
-def add_absent_types(records: list[dict[str, Any]], config: BuildDataConfig) -> tuple[list[dict[str, Any]], int]:
-    """Each record with `absent_types_per_passage` more questions answered []: types other records' answers name,
-    drawn uniformly among those the record does not ask. Sampled labels ask only some of a passage's types, so a
-    type stays out when its text holds any entity the file gives that type elsewhere, and uniform draws favour the
-    specific types of the long tail over `person` or `date`, which an unrelated passage often holds unasked."""
-    entities_by_type: dict[str, set[str]] = {}
-    for record in records:
-        turns = record["conversations"]
-        for index in range(2, len(turns), 2):
-            answer = json.loads(turns[index + 1]["value"])
-            if answer:
-                entities_by_type.setdefault(question_type(turns[index]["value"]), set()).update(
-                    e.lower() for e in answer
-                )
+def add_absent_types(
+    records: list[dict[str, Any]], entities_by_type: dict[str, set[str]], config: BuildDataConfig
+) -> tuple[list[dict[str, Any]], int]:
+    """Each record with `absent_types_per_passage` more questions answered []: types other records' answers name
+    (the keys of `entities_by_type`, whose values are their entities lower-cased), drawn uniformly among those the
+    record does not ask. Sampled labels ask only some of a passage's types, so a type stays out when its text holds
+    any entity the file gives that type elsewhere, and uniform draws favour the specific types of the long tail over
+    `person` or `date`, which an unrelated passage often holds unasked."""
     sampler = NegativeSampler(Counter(dict.fromkeys(entities_by_type, 1)), seed=config.seed)
     extended, added = [], 0
     for record in records:
@@ -222,7 +219,11 @@ def add_absent_types(records: list[dict[str, Any]], config: BuildDataConfig) -> 
         asked = {question_type(turns[index]["value"]) for index in range(2, len(turns), 2)}
         present = {t for t, entities in entities_by_type.items() if any(e in text for e in entities)}
         absent = sampler.sample(record["id"], exclude=asked | present, k=config.absent_types_per_passage)
-        questions = [turn for t in absent for turn in ({"from": "human", "value": question(t)}, EMPTY_ANSWER)]
+        questions = [
+            turn
+            for t in absent
+            for turn in ({"from": "human", "value": question(t)}, {"from": "gpt", "value": bio.answer([])})
+        ]
         extended.append({**record, "conversations": turns + questions})
         added += len(absent)
     return extended, added
