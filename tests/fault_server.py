@@ -14,14 +14,20 @@ SECRET = "sk-test-5ecret-do-not-leak"
 
 class FaultServer:
     """Chat completions on loopback; the passage text picks the behaviour. Counts requests per passage and keeps
-    server-side timestamps. With `api_key`, a request without that key gets 401, as a real endpoint answers."""
+    server-side timestamps. With `api_key`, a request without that key gets 401, as a real endpoint answers. A
+    `paced` server holds each request until `allow()` lets it through: a test then catches a run halfway however
+    fast or slow the machine is."""
 
-    def __init__(self, latency_s: float = 0.0, api_key: str = ""):
+    def __init__(self, latency_s: float = 0.0, api_key: str = "", paced: bool = False):
         self.latency_s = latency_s
         self.api_key = api_key
+        self.paced = paced
+        self.waiting = 0  # requests a paced server holds
+        self.allowed = 0  # of those, how many may go on (never more than are waiting: nothing is let through ahead)
         self.requests: dict[str, list[float]] = defaultdict(list)
         self.keys: set[str] = set()
         self.lock = threading.Lock()
+        self.pace = threading.Condition(self.lock)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -35,8 +41,30 @@ class FaultServer:
         with self.lock:
             return sorted(t for ts in self.requests.values() for t in ts)
 
+    def allow(self, answers: int) -> None:
+        """Let up to `answers` of the requests a paced server holds now go on."""
+        with self.pace:
+            self.allowed = min(self.allowed + answers, self.waiting)
+            self.pace.notify_all()
+
+    def unpace(self) -> None:
+        """Hold no request from now on."""
+        with self.pace:
+            self.paced = False
+            self.pace.notify_all()
+
     def stop(self) -> None:
+        self.unpace()
         self.httpd.shutdown()
+
+    def _wait_for_pace(self) -> None:
+        with self.pace:
+            if not self.paced:
+                return
+            self.waiting += 1
+            self.pace.wait_for(lambda: self.allowed > 0 or not self.paced)
+            self.waiting -= 1
+            self.allowed = max(0, self.allowed - 1)
 
     def _handler(self):
         server = self
@@ -52,6 +80,7 @@ class FaultServer:
                     server.requests[passage].append(time.monotonic())
                     nth = len(server.requests[passage])
                     server.keys.add(self.headers.get("Authorization", ""))
+                server._wait_for_pace()
                 time.sleep(server.latency_s)
                 status, content, finish, headers = server.behave(passage, nth)
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":

@@ -204,7 +204,7 @@ def check_command(workdir: Path, teacher: FaultServer, cache: Path) -> list[str]
 
 @pytest.mark.timeout(1200)
 def test_a_job_stopped_halfway_resumes_when_submitted_again(cluster, tmp_path):
-    teacher = FaultServer(latency_s=3.0, api_key=SECRET)  # 40 passages, 4 in flight: 30 s
+    teacher = FaultServer(api_key=SECRET, paced=True)  # 40 passages, answered as the test allows
     workdir = tmp_path / "check"
     command = check_command(workdir, teacher, tmp_path / "cache")
 
@@ -213,16 +213,20 @@ def test_a_job_stopped_halfway_resumes_when_submitted_again(cluster, tmp_path):
 
     first = cluster.submit(*command, key=SECRET)
     deadline = time.time() + 600
-    while len(list((workdir / "annotate").glob("part-*.parquet"))) < 3:
+    # A few answers at a time until a part is stored: at most two blocks of 8 passages are in flight, so the job is
+    # stopped with at most 16 of 40 passages answered, the rest waiting on the teacher.
+    while not list((workdir / "annotate").glob("part-*.parquet")):
         assert cluster.status(first) not in TERMINAL, (
             f"the job ended before it could be stopped: {cluster.logs(first)[-3000:]}"
         )
         assert time.time() < deadline, cluster.logs(first)[-3000:]
+        teacher.allow(2)
         time.sleep(0.5)
     stopped = cluster.job("stop", first)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert cluster.wait(first) == "STOPPED"
-    time.sleep(2)  # let a request still on the wire finish
+    teacher.unpace()  # the held requests are answered to no one: the job is gone
+    time.sleep(2)
     passages = pads.dataset(str(workdir / "passages"), format="parquet").to_table()
     stored_first = set(pads.dataset(str(workdir / "annotate"), format="parquet").to_table()["text"].to_pylist())
     assert 0 < len(stored_first) < passages.num_rows

@@ -12,7 +12,7 @@ from uniner import __version__
 from uniner.config import STAGES, PipelineConfig, add_arguments, load_config
 from uniner.errors import UserError
 from uniner.pipeline import print_dry_run, report_incomplete
-from uniner.session import diverted, quiet_terminal
+from uniner.session import diverted, leave_ray, quiet_terminal
 
 log = logging.getLogger("uniner")
 
@@ -158,6 +158,7 @@ def _run(args: argparse.Namespace, terminal) -> int:
         user_error = _find_user_error(error)
         if args.debug:
             raise
+        leave_ray()  # the reason is the last line, after Ray's own about the work it stops
         if user_error is not None:
             print(f"uniner: error: {user_error}", file=terminal)
             return 2

@@ -168,6 +168,15 @@ def _quiet_data_progress() -> None:
         context.enable_progress_bars = False
 
 
+def leave_ray() -> None:
+    """Disconnect from Ray, if connected: the lines it forwards (workers stopped with the run, tasks it gives up) stop
+    here, so that what uniner prints next comes last in a job's log."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
 def embedded() -> bool:
     """Whether the connected Ray is the embedded local one that init_ray started (one machine, no autoscaler)."""
     import ray
