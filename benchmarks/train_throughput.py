@@ -84,8 +84,9 @@ def one_batch_windows(windows: list[dict], size: int):
         yield {"input_ids": ids[start : start + size], "loss_mask": masks[start : start + size]}
 
 
-def plain_loop(config, windows: list[dict], *, threads: int) -> list[tuple[float, int]]:
-    """The worker's loop without Ray: same model loading, micro-batches, step function, optimizer and schedule."""
+def plain_loop(config, windows: list[dict], *, threads: int, bf16: bool = False) -> list[tuple[float, int, float]]:
+    """The worker's loop without Ray: same model loading, micro-batches, step function, optimizer and schedule.
+    (seconds, real tokens, loss) of each step."""
     import torch
 
     from uniner.train import epoch_batches, load_student, optimizer_and_scheduler, padding_id, step_plan, train_step
@@ -106,10 +107,10 @@ def plain_loop(config, windows: list[dict], *, threads: int) -> list[tuple[float
             scheduler,
             group,
             device=torch.device("cpu"),
-            bf16=False,
+            bf16=bf16,
             max_grad_norm=config.max_grad_norm,
         )
-        timed.append((time.perf_counter() - started, result["tokens"]))
+        timed.append((time.perf_counter() - started, result["tokens"], result["loss"]))
         print(
             f"plain loop: step {step + 1}/{config.max_steps} loss {result['loss']:.4f} {timed[-1][0]:.2f} s", flush=True
         )
@@ -131,22 +132,22 @@ def conversations(windows: list[dict]) -> int:
     return sum(len(window["input_ids"]) for window in windows)
 
 
-def per_token(timed: list[tuple[float, int]]) -> float:
+def per_token(timed: list[tuple]) -> float:
     """Seconds per real token over the given steps."""
-    return sum(s for s, _ in timed) / sum(n for _, n in timed)
+    return sum(step[0] for step in timed) / sum(step[1] for step in timed)
 
 
-def after_warmup(runs: list[list[tuple[float, int]]], skip: int) -> list[tuple[float, int]]:
+def after_warmup(runs: list[list[tuple]], skip: int) -> list[tuple]:
     """The steps of all runs, less the first `skip` of each."""
     return [step for run in runs for step in run[skip:]]
 
 
-def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]:
+def plain_process(args, work: Path, round_index: int, *, bf16: bool = False) -> list[tuple[float, int, float]]:
     """The plain loop in a fresh Python process, with the thread count Ray gives a worker of that many CPUs and the
     environment that `uniner train` gives its workers."""
     from uniner.train import WORKER_RUNTIME_ENV
 
-    out = work / f"plain-{round_index}.json"
+    out = work / f"plain-{round_index}{'-bf16' if bf16 else ''}.json"
     command = [
         sys.executable,
         __file__,
@@ -162,13 +163,14 @@ def plain_process(args, work: Path, round_index: int) -> list[tuple[float, int]]
         str(args.batch_size),
         "--threads",
         str(args.threads),
+        *(["--bf16"] if bf16 else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **WORKER_RUNTIME_ENV["env_vars"]}
     subprocess.run(command, env=env, check=True)
     return [tuple(step) for step in json.loads(out.read_text())]
 
 
-def ray_train(config, work: Path, round_index: int) -> tuple[list[tuple[float, int]], float]:
+def ray_train(config, work: Path, round_index: int) -> tuple[list[tuple[float, int, float]], float]:
     """`uniner train` on a fresh embedded local Ray, shut down after (the plain loop runs with no Ray on the machine):
     its steps from metrics.jsonl, and its wall time end to end."""
     import ray
@@ -181,7 +183,7 @@ def ray_train(config, work: Path, round_index: int) -> tuple[list[tuple[float, i
     wall = time.perf_counter() - started
     ray.shutdown()
     metrics = [json.loads(line) for line in (Path(config.output) / train.METRICS_FILE).read_text().splitlines()]
-    return [(m["seconds"], m["tokens"]) for m in metrics], wall
+    return [(m["seconds"], m["tokens"], m["loss"]) for m in metrics], wall
 
 
 def main() -> None:
@@ -193,6 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process on both sides.")
     parser.add_argument("--workdir", default="/tmp/uniner-bench-train")
     parser.add_argument("--plain-loop-to", help=argparse.SUPPRESS)  # internal: run one plain loop, write its steps here
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # internal: that loop in bf16 autocast
     args = parser.parse_args()
     if args.rounds < 1 or not 0 <= args.skip < args.steps:
         parser.error(
@@ -211,7 +214,8 @@ def main() -> None:
     config = bench_config(args, work)
     if args.plain_loop_to:
         windows = pickle.loads((work / WINDOWS_FILE).read_bytes())
-        Path(args.plain_loop_to).write_text(json.dumps(plain_loop(config, windows, threads=args.threads)))
+        steps = plain_loop(config, windows, threads=args.threads, bf16=args.bf16)
+        Path(args.plain_loop_to).write_text(json.dumps(steps))
         return
 
     shutil.rmtree(work, ignore_errors=True)
@@ -239,10 +243,10 @@ def main() -> None:
                 run, wall = ray_train(config, work, index)
                 ray.append(run)
                 walls.append(wall)
-            if [n for _, n in run] != expected:
+            if [step[1] for step in run] != expected:
                 sys.exit(
                     f"the {side} side did not train on the kept batches (tokens per step: expected {expected}, got "
-                    f"{[n for _, n in run]}), so the sides cannot be compared: report this with the Ray version"
+                    f"{[step[1] for step in run]}), so the sides cannot be compared: report this with the Ray version"
                 )
     plain_rate, ray_rate = per_token(after_warmup(plain, args.skip)), per_token(after_warmup(ray, args.skip))
 
@@ -267,8 +271,8 @@ def main() -> None:
         print(
             f"| {index + 1} | {'plain' if index % 2 == 0 else 'Ray'} | "
             f"{1000 * round_plain:.2f} | {1000 * round_ray:.2f} | "
-            f"{round_ray / round_plain:.3f} | {' '.join(f'{s:.1f}' for s, _ in plain_run)} | "
-            f"{' '.join(f'{s:.1f}' for s, _ in ray_run)} |"
+            f"{round_ray / round_plain:.3f} | {' '.join(f'{step[0]:.1f}' for step in plain_run)} | "
+            f"{' '.join(f'{step[0]:.1f}' for step in ray_run)} |"
         )
     print(f"| pooled | | {1000 * plain_rate:.2f} | {1000 * ray_rate:.2f} | {ray_rate / plain_rate:.3f} | | |")
     print(

@@ -116,6 +116,31 @@ def test_types_from_a_file_and_bad_settings(tmp_path):
         ExtractConfig(input="x", output="y", types=["person"], export=["brat"]).check()
 
 
+def test_jsonl_output_is_read_back_with_its_schema_whatever_the_first_file_holds(tmp_path):
+    """A JSON-lines file whose lists are all empty reads as lists of nulls; the counts and exports read every file
+    with the output's own schema, so a later file with entities and unmatched answers still reads."""
+    empty = {"doc_id": "a", "source": "s", "status": "ok", "detail": None, "text": "x", "queries": 1}
+    found = {
+        **empty,
+        "doc_id": "b",
+        "text": "Bern",
+        "entities": [{"text": "Bern", "type": "city", "start": 0, "end": 4}],
+    }
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "0.json").write_text(json.dumps({**empty, "entities": [], "unmatched": []}) + "\n")
+    (tmp_path / "out" / "1.json").write_text(
+        json.dumps({**found, "unmatched": [{"text": "Uri", "type": "city"}]}) + "\n"
+    )
+    config = ExtractConfig(
+        input="x", output=str(tmp_path / "out"), types=["city"], output_format="jsonl", export=["conll"]
+    )
+    output = storage.locate(config.output)
+    counts = extract._output_counts(config, output)
+    assert (counts["documents_written"], counts["entities"], counts["unmatched"]) == (2, 1, 1)
+    extract._write_exports(config, output)
+    assert "Bern\tB-city" in (tmp_path / "out" / "_export" / "conll.txt").read_text()
+
+
 # ---- a long document split into passages and merged back ----
 
 
@@ -174,7 +199,8 @@ def make_lake(folder):
 
 
 def check_output(out, output_format):
-    table = pads.dataset(str(out), format="parquet" if output_format == "parquet" else "json").to_table()
+    formatted = "parquet" if output_format == "parquet" else "json"
+    table = pads.dataset(str(out), format=formatted, schema=extract.OUTPUT_SCHEMA).to_table()
     rows = {r["doc_id"]: r for r in table.to_pylist()}
     assert sorted(rows) == sorted(["en", "news", "uni", "empty", "a.jsonl:5", "b.txt"])  # each document once
     assert table.num_rows == 6
@@ -185,13 +211,16 @@ def check_output(out, output_format):
         for entity in row["entities"]:
             assert row["text"][entity["start"] : entity["end"]] == entity["text"]
     assert rows["uni"]["text"] == LAKE_DOCS["uni"]
-    # No --model: the built-in student, which finds a person, an organization and a city with their offsets.
-    found = {(e["type"], e["text"], e["start"], e["end"]) for e in rows["news"]["entities"]}
+    # No --model: the built-in student, which finds people, an organization and cities with their offsets.
+    found = {(e["type"], e["text"], e["start"], e["end"]) for e in rows["en"]["entities"]}
     assert found == {
-        ("person", "Angela Merkel", 0, 13),
-        ("organization", "Siemens", 32, 39),
-        ("city", "Munich", 43, 49),
+        ("person", "Maria Keller", 0, 12),
+        ("city", "Berlin", 23, 29),
+        ("city", "Nairobi", 33, 40),
+        ("organization", "Fjord Shipping", 46, 60),
     }
+    found = {(e["type"], e["text"], e["start"], e["end"]) for e in rows["news"]["entities"]}
+    assert {("person", "Angela Merkel", 0, 13), ("city", "Munich", 43, 49)} <= found
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["documents_read"] == 4 and summary["rejected"] == {"empty": 1, "invalid_json": 1}
     assert summary["documents_written"] == 6 and summary["queries"] == 12

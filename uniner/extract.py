@@ -257,7 +257,7 @@ def _stream_to_staging(answered, staging: storage.Location) -> dict[str, Any]:
 
 def _write_exports(config: ExtractConfig, output: storage.Location) -> None:
     """OUTPUT/_export/: the readable documents in each format asked for, one pass over the output."""
-    dataset = pads.dataset(output.path, filesystem=output.fs, format=_dataset_format(config))
+    dataset = pads.dataset(output.path, filesystem=output.fs, format=_dataset_format(config), schema=OUTPUT_SCHEMA)
     if not output.is_s3:
         output.fs.create_dir(output.join(EXPORT_DIR).path, recursive=True)
     formats = [name for name in config.export if name in spans.EXPORTS]
@@ -295,7 +295,7 @@ def _dataset_format(config: ExtractConfig) -> str:
 def _output_counts(config: ExtractConfig, output: storage.Location) -> dict[str, Any]:
     import pyarrow.compute as pc
 
-    dataset = pads.dataset(output.path, filesystem=output.fs, format=_dataset_format(config))
+    dataset = pads.dataset(output.path, filesystem=output.fs, format=_dataset_format(config), schema=OUTPUT_SCHEMA)
     counts = {"documents_written": 0, "documents_with_entities": 0, "entities": 0, "unmatched": 0}
     by_type: Counter = Counter()
     for batch in dataset.to_batches(columns=["entities", "unmatched"]):
