@@ -13,20 +13,17 @@ per real token over bf16 seconds per real token, after the first `--skip` steps 
 from __future__ import annotations
 
 import argparse
-import pickle
-import shutil
 import sys
 from pathlib import Path
 
 from train_throughput import (
     SAMPLE,
-    WINDOWS_FILE,
     after_warmup,
     bench_config,
     conversations,
     per_token,
     plain_process,
-    worker_windows,
+    prepare_workdir,
 )
 
 
@@ -54,12 +51,8 @@ def main() -> None:
         sys.exit(f"the Pile-NER sample is not at {SAMPLE}: place ../shared/data beside the project")
 
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / "train.json").write_text(SAMPLE.read_text())
     config = bench_config(args, work)
-    windows = worker_windows(config)
-    (work / WINDOWS_FILE).write_bytes(pickle.dumps(windows))
+    windows = prepare_workdir(config, work)
 
     runs: dict[str, list] = {"fp32": [], "bf16": []}
     for index in range(args.rounds):

@@ -67,6 +67,17 @@ def worker_windows(config) -> list[dict]:
     return windows
 
 
+def prepare_workdir(config, work: Path) -> list[dict]:
+    """A clean `work` folder with the Pile-NER sample as training data; returns the worker's windows of it, also kept
+    in WINDOWS_FILE for the plain loops that run in their own processes."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "train.json").write_text(SAMPLE.read_text())
+    windows = worker_windows(config)
+    (work / WINDOWS_FILE).write_bytes(pickle.dumps(windows))
+    return windows
+
+
 def nonpad_share(batches) -> float:
     """Real tokens over all tokens of the micro-batches."""
     real = total = 0
@@ -218,11 +229,7 @@ def main() -> None:
         Path(args.plain_loop_to).write_text(json.dumps(steps))
         return
 
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / "train.json").write_text(SAMPLE.read_text())
-    windows = worker_windows(config)
-    (work / WINDOWS_FILE).write_bytes(pickle.dumps(windows))
+    windows = prepare_workdir(config, work)
     per_epoch = step_plan(config, conversations(windows))["steps_per_epoch"]
     if args.steps > per_epoch:
         sys.exit(f"--steps {args.steps} is more than one epoch of the sample ({per_epoch} steps): give fewer steps")
