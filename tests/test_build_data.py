@@ -13,7 +13,7 @@ import yaml
 from conftest import run_cli
 
 from uniner import bio
-from uniner.build_data import NegativeSampler, run, type_variant_merges, vary_forms
+from uniner.build_data import NegativeSampler, run, text_windows, type_variant_merges, vary_forms
 from uniner.config import BuildDataConfig
 from uniner.conversations import type_statistics
 from uniner.errors import UserError
@@ -419,3 +419,27 @@ def test_the_demo_evaluation_passages_stay_out_of_the_student_recipe(tmp_path, s
     write_recorded_corpus(str(corpus), documents=260)
     demo = {json.loads(line)["text"] for line in (corpus / "part-000.jsonl").read_text().splitlines()}
     assert len(demo) == 260 and not demo & heldout
+
+
+def test_windows_cut_texts_at_sentence_ends_and_keep_each_window_its_own_entities(tmp_path):
+    text = "Ada Lovelace met Charles Babbage in London. They talked.\nBabbage built engines!  Later Ada went to Paris."
+    assert text_windows(text, 8) == [
+        "Ada Lovelace met Charles Babbage in London.",
+        "They talked.\nBabbage built engines!",
+        "Later Ada went to Paris.",
+    ]
+    assert text_windows("one two three four five", 2) == ["one two", "three four", "five"]  # no sentence end
+    records = [
+        _passage("long", text, [("person", '["Ada Lovelace", "Charles Babbage", "Babbage"]'), ("city", "[]")]),
+        _passage("short", "Ada slept.", [("person", '["Ada"]')]),
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    built, report = _build(tmp_path, input=tmp_path / "in.json", window_words=8)
+    assert [r["id"] for r in built] == ["long-w0", "long-w1", "long-w2", "short"]
+    assert [_qa(r) for r in built[:3]] == [
+        [(question("person"), '["Ada Lovelace", "Charles Babbage", "Babbage"]'), (question("city"), "[]")],
+        [(question("person"), '["Babbage"]'), (question("city"), "[]")],
+        [(question("person"), "[]"), (question("city"), "[]")],  # "Ada" alone is not an answer the teacher gave
+    ]
+    assert built[3] == records[1]  # a text that fits one window stays as it was
+    assert report["statistics"]["windowed_records"] == 4

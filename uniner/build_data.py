@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from typing import Any, Iterable
 
@@ -298,6 +299,54 @@ def vary_forms(record: dict[str, Any], *, type_forms: bool, lowercase_share: flo
     return {**record, "conversations": turns}
 
 
+# ---------------------------------------------------------------- windows
+
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+
+
+def _pieces(text: str, words: int) -> Iterable[tuple[int, int, int]]:
+    """(start, end, word count) of the text's sentences; a sentence of more than `words` words is cut between words."""
+    start = 0
+    for end, next_start in [(m.start(), m.end()) for m in SENTENCE_BREAK.finditer(text)] + [(len(text), len(text))]:
+        tokens = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[start:end])]
+        for first in range(0, len(tokens), words):
+            chunk = tokens[first : first + words]
+            yield start + chunk[0][0], start + chunk[-1][1], len(chunk)
+        start = next_start
+
+
+def text_windows(text: str, words: int) -> list[str]:
+    """The text cut at sentence ends into windows of at most `words` words, each as the text writes it."""
+    windows: list[list[int]] = []  # [start, end, word count]
+    for start, end, count in _pieces(text, words):
+        if windows and windows[-1][2] + count <= words:
+            windows[-1][1:] = [end, windows[-1][2] + count]
+        else:
+            windows.append([start, end, count])
+    return [text[start:end] for start, end, _ in windows]
+
+
+def windowed(record: dict[str, Any], words: int) -> list[dict[str, Any]]:
+    """The record as one record per window of its text, every question kept and each answer limited to the
+    entities the window holds: evaluation and extraction ask about a sentence or a short chunk, so a passage-long
+    text in training teaches neither that length nor an empty answer where the type is elsewhere in the passage.
+    A record whose text fits one window is returned as it is."""
+    windows = text_windows(text_of(record), words)
+    if len(windows) <= 1:
+        return [record]
+    turns = record["conversations"]
+    qa = [(question_type(turns[i]["value"]), json.loads(turns[i + 1]["value"])) for i in range(2, len(turns), 2)]
+    return [
+        conversation(
+            f"{record['id']}-w{index}",
+            window,
+            [(entity_type, [e for e in entities if e in window]) for entity_type, entities in qa],
+            dataset=record.get("dataset", ""),
+        )
+        for index, window in enumerate(windows)
+    ]
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -362,6 +411,8 @@ def plan(config: BuildDataConfig) -> list[str]:
             lines.append(f"  {len(bio_files(uri, config))} BIO file(s), columns {config.bio_column_order}")
     if config.holdout:
         lines.append(f"leave out records whose text is in {', '.join(config.holdout)}")
+    if config.window_words:
+        lines.append(f"cut texts at sentence ends into windows of at most {config.window_words} words")
     if config.type_forms or config.lowercase_share:
         lines.append(
             f"ask types in varied forms: {config.type_forms}; lower-case {config.lowercase_share:.0%} of records"
@@ -393,6 +444,9 @@ def run(config: BuildDataConfig) -> dict[str, Any]:
                 report,
                 "records held out by --holdout",
             )
+        if config.window_words and CONVERSATIONS_FILE in built:  # after --holdout, which matches whole texts
+            built[CONVERSATIONS_FILE] = [w for r in built[CONVERSATIONS_FILE] for w in windowed(r, config.window_words)]
+            report["statistics"]["windowed_records"] = len(built[CONVERSATIONS_FILE])
         if config.input_shares and config.input_shares[index] < 1:  # statistics stay those of the whole input
             share = config.input_shares[index]
             built = _narrow(
@@ -445,6 +499,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.extend(f"  {what}: {n}" for what, n in sorted(report["counts"].items()))
         if stats.get("absent_type_questions"):
             lines.append(f"  questions added for absent types (answered []): {stats['absent_type_questions']}")
+        if stats.get("windowed_records"):
+            lines.append(f"  records after cutting texts into windows: {stats['windowed_records']}")
         if stats.get("type_merges"):
             lines.append(f"  merged {len(stats['type_merges'])} type variants (listed in _summary.json)")
     return lines

@@ -242,6 +242,11 @@ class BuildDataConfig(StageConfig):
         "Share of records whose text and answers are lower-cased (seeded), as search queries and transcripts "
         "are written; 0 keeps the case.",
     )
+    window_words: int = setting(
+        0,
+        "Cut each text at sentence ends into windows of at most this many words, one record per window, every "
+        "question kept and each answer limited to the entities in its window; 0 keeps whole texts.",
+    )
     seed: int = setting(0, "Seed of negative sampling, --input-shares, --type-forms and --lowercase-share.")
 
     def check(self) -> None:
@@ -266,6 +271,8 @@ class BuildDataConfig(StageConfig):
             raise UserError("--negatives-per-passage cannot be negative")
         if self.absent_types_per_passage < 0:
             raise UserError("--absent-types-per-passage cannot be negative")
+        if self.window_words < 0:
+            raise UserError("--window-words cannot be negative: give a number of words, or 0 to keep whole texts")
         if not 0 <= self.lowercase_share <= 1:
             raise UserError(f"--lowercase-share must be between 0 and 1, got {self.lowercase_share}")
 
