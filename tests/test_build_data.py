@@ -429,6 +429,12 @@ def test_windows_cut_texts_at_sentence_ends_and_keep_each_window_its_own_entitie
         "Later Ada went to Paris.",
     ]
     assert text_windows("one two three four five", 2) == ["one two", "three four", "five"]  # no sentence end
+    # A closing quote stays with the sentence it closes, as in the chunks extract asks about.
+    assert text_windows('She said "Stop." Then she left the room at once.', 4) == [
+        'She said "Stop."',
+        "Then she left the",
+        "room at once.",
+    ]
     records = [
         _passage("long", text, [("person", '["Ada Lovelace", "Charles Babbage", "Babbage"]'), ("city", "[]")]),
         _passage("short", "Ada slept.", [("person", '["Ada"]')]),

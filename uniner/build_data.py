@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from uniner import bio, storage
+from uniner.chunking import SENTENCE_END
 from uniner.config import BuildDataConfig, to_dict
 from uniner.conversations import (
     check_conversation,
@@ -30,6 +31,7 @@ from uniner.conversations import (
     dump_records,
     eval_queries,
     question_type,
+    questions_and_answers,
     text_of,
     type_statistics,
 )
@@ -189,10 +191,7 @@ def from_conversations(uri: str, config: BuildDataConfig) -> tuple[list[dict[str
         record = check_conversation(raw, f"{where} (id {raw.get('id') if isinstance(raw, dict) else '?'})", counts)
         if record is None:
             continue
-        turns = record["conversations"]
-        for index in range(2, len(turns), 2):
-            entity_type = question_type(turns[index]["value"])
-            answer = json.loads(turns[index + 1]["value"])
+        for entity_type, answer in questions_and_answers(record):
             mentions[entity_type] += len(answer)
             if answer:
                 entities_by_type.setdefault(entity_type, set()).update(e.lower() for e in answer)
@@ -217,7 +216,7 @@ def add_absent_types(
     for record in records:
         turns = record["conversations"]
         text = text_of(record).lower()
-        asked = {question_type(turns[index]["value"]) for index in range(2, len(turns), 2)}
+        asked = {entity_type for entity_type, _ in questions_and_answers(record)}
         present = {t for t, entities in entities_by_type.items() if any(e in text for e in entities)}
         absent = sampler.sample(record["id"], exclude=asked | present, k=config.absent_types_per_passage)
         questions = [
@@ -301,18 +300,18 @@ def vary_forms(record: dict[str, Any], *, type_forms: bool, lowercase_share: flo
 
 # ---------------------------------------------------------------- windows
 
-SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
-
 
 def _pieces(text: str, words: int) -> Iterable[tuple[int, int, int]]:
-    """(start, end, word count) of the text's sentences; a sentence of more than `words` words is cut between words."""
+    """(start, end, word count) of the text's sentences and lines; a sentence of more than `words` words is cut
+    between words. Sentences end where extract's chunking ends them, so training windows match inference chunks."""
+    ends = sorted({m.end() for m in SENTENCE_END.finditer(text)} | {m.start() for m in re.finditer(r"\n", text)})
     start = 0
-    for end, next_start in [(m.start(), m.end()) for m in SENTENCE_BREAK.finditer(text)] + [(len(text), len(text))]:
+    for end in ends + [len(text)]:
         tokens = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[start:end])]
         for first in range(0, len(tokens), words):
             chunk = tokens[first : first + words]
             yield start + chunk[0][0], start + chunk[-1][1], len(chunk)
-        start = next_start
+        start = end
 
 
 def text_windows(text: str, words: int) -> list[str]:
@@ -334,8 +333,7 @@ def windowed(record: dict[str, Any], words: int) -> list[dict[str, Any]]:
     windows = text_windows(text_of(record), words)
     if len(windows) <= 1:
         return [record]
-    turns = record["conversations"]
-    qa = [(question_type(turns[i]["value"]), json.loads(turns[i + 1]["value"])) for i in range(2, len(turns), 2)]
+    qa = questions_and_answers(record)
     return [
         conversation(
             f"{record['id']}-w{index}",

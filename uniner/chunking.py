@@ -19,7 +19,8 @@ MIN_FILL = 0.5
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _HAS_CJK = re.compile(f"[{_CJK}]")
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
-_SENTENCE = re.compile(rf"(?<=[.!?\u2026\u3002\uff01\uff1f])[\"'\u201d\u2019)\]]*(?=\s|[{_CJK}])")
+# Where a sentence ends: after its final punctuation and any closing quote or bracket.
+SENTENCE_END = re.compile(rf"(?<=[.!?\u2026\u3002\uff01\uff1f])[\"'\u201d\u2019)\]]*(?=\s|[{_CJK}])")
 _SPACE = re.compile(r"\s+")
 # Between two characters of a script written without spaces, or after its punctuation.
 _CJK_GAP = re.compile(rf"(?<=[{_CJK}\u3001\u3002\uff0c])(?=\S)|(?<=\S)(?=[{_CJK}])")
@@ -103,7 +104,7 @@ class _Boundaries:
             words = sorted(set(words).union(start + m.start() for m in _CJK_GAP.finditer(window)))
         self.kinds = [
             [start + m.start() for m in _PARAGRAPH.finditer(window)],
-            [start + m.end() for m in _SENTENCE.finditer(window)],
+            [start + m.end() for m in SENTENCE_END.finditer(window)],
             words,
         ]
 

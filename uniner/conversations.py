@@ -91,6 +91,12 @@ def text_of(record: dict[str, Any]) -> str:
     return record["conversations"][0]["value"].partition("Text: ")[2]
 
 
+def questions_and_answers(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(type, entities) of each question a checked record asks, in its order."""
+    turns = record["conversations"]
+    return [(question_type(turns[i]["value"]), json.loads(turns[i + 1]["value"])) for i in range(2, len(turns), 2)]
+
+
 def dump_records(records: list[dict[str, Any]]) -> str:
     """A JSON list with one record per line: valid `train.json`, and readable with `head`."""
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
