@@ -135,6 +135,27 @@ def test_answer_loss_equals_the_full_logits_loss_and_its_gradient(tiny_model_dir
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
 
 
+def test_widths_rounded_up_to_a_multiple_leave_the_loss_and_gradients_as_they_were(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [(np.arange(3, 3 + n), np.array([0] * (n - k) + [1] * k, np.int8)) for n, k in [(12, 4), (7, 2), (9, 1)]]
+    items = torch.tensor(7.0)
+    runs = []
+    for multiple in (1, 16):
+        batch = collate(rows, pad_id=0, pad_to_multiple=multiple)
+        model.zero_grad()
+        loss = train.answer_loss(model, batch, device=torch.device("cpu"), items=items)
+        loss.backward()
+        runs.append((batch, loss, [p.grad.clone() for p in model.parameters()]))
+    (narrow, loss, grads), (wide, wide_loss, wide_grads) = runs
+    assert narrow["input_ids"].shape == (3, 12) and wide["input_ids"].shape == (3, 16)
+    assert wide["attention_mask"][:, 12:].sum() == 0 and (wide["labels"][:, 12:] == IGNORE_INDEX).all()
+    assert torch.allclose(loss, wide_loss, atol=1e-5)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads, wide_grads))
+
+
 # ---- Ray Train runs ----
 
 

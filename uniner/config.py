@@ -305,6 +305,11 @@ class TrainConfig(StageConfig):
     max_grad_norm: float = setting(1.0, "Clip the gradient norm to this; 0 turns clipping off.")
     max_length: int = setting(1024, "Longest tokenized conversation; longer ones are cut at a turn boundary.")
     length_window: int = setting(32, "Micro-batches whose conversations are sorted by length together (less padding).")
+    pad_to_multiple: int = setting(
+        32,
+        "Micro-batch widths are rounded up to a multiple of this: on CPU a run of many distinct widths slows step by "
+        "step, one of few widths keeps its speed (docs/benchmarks.md); 1 pads only to the longest conversation.",
+    )
     precision: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     gradient_checkpointing: bool = setting(
         False, "Recompute activations in the backward pass: less memory, about a third more time."
@@ -323,7 +328,15 @@ class TrainConfig(StageConfig):
     def check(self) -> None:
         _require(self.data, "data", "the conversations to train on")
         _require(self.output, "output", "where to write the trained model")
-        for name in ("num_workers", "cpus_per_worker", "batch_size", "grad_accum", "length_window", "keep_checkpoints"):
+        for name in (
+            "num_workers",
+            "cpus_per_worker",
+            "batch_size",
+            "grad_accum",
+            "length_window",
+            "pad_to_multiple",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps < 0 or self.checkpoint_every < 0 or self.max_failures < 0 or self.lora_rank < 0:

@@ -348,7 +348,9 @@ def epoch_batches(windows, config: TrainConfig, *, epoch: int, rank: int, pad_id
     """The collated micro-batches of one epoch: each window's conversations grouped by length, seeded per epoch
     and rank."""
     rng = random.Random(f"{config.seed}:{epoch}:{rank}")
-    return micro_batches(windows, batch_size=config.batch_size, rng=rng, pad_id=pad_id)
+    return micro_batches(
+        windows, batch_size=config.batch_size, rng=rng, pad_id=pad_id, pad_to_multiple=config.pad_to_multiple
+    )
 
 
 def save_checkpoint(

@@ -176,9 +176,13 @@ def length_grouped(
     yield from batches
 
 
-def collate(batch: list[tuple[np.ndarray, np.ndarray]], *, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX outside the answers and on padding)."""
-    width = max(len(ids) for ids, _ in batch)
+def collate(
+    batch: list[tuple[np.ndarray, np.ndarray]], *, pad_id: int, pad_to_multiple: int = 1
+) -> dict[str, np.ndarray]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX outside the answers and on padding), as wide
+    as the longest row rounded up to a multiple of `pad_to_multiple`."""
+    longest = max(len(ids) for ids, _ in batch)
+    width = -(-longest // pad_to_multiple) * pad_to_multiple
     input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(batch), width), dtype=np.int64)
     labels = np.full((len(batch), width), IGNORE_INDEX, dtype=np.int64)
@@ -190,10 +194,15 @@ def collate(batch: list[tuple[np.ndarray, np.ndarray]], *, pad_id: int) -> dict[
 
 
 def micro_batches(
-    windows: Iterable[dict[str, np.ndarray]], *, batch_size: int, rng: random.Random, pad_id: int
+    windows: Iterable[dict[str, np.ndarray]],
+    *,
+    batch_size: int,
+    rng: random.Random,
+    pad_id: int,
+    pad_to_multiple: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Collated micro-batches from windows of rows (numpy batches with `input_ids` and `loss_mask` columns)."""
     for window in windows:
         rows = list(zip(window["input_ids"], window["loss_mask"]))
         for batch in length_grouped(rows, batch_size=batch_size, rng=rng):
-            yield collate(batch, pad_id=pad_id)
+            yield collate(batch, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
