@@ -1,7 +1,7 @@
 """Whether a long CPU training run keeps its step speed: micro-batch widths as they come against widths rounded up
 to a multiple (`--pad-to-multiple`).
 
-    python benchmarks/train_drift.py [--steps 200] [--multiple 64] [--workdir /tmp/uniner-bench-drift]
+    python benchmarks/train_drift.py [--steps 200] [--window 50] [--multiple 32] [--workdir /tmp/uniner-bench-drift]
 
 Both sides run the plain training loop of `train_throughput.py` (the worker's model loading, micro-batches,
 `train_step`, optimizer and schedule, without Ray) in bf16 autocast, each in a fresh process and, as under Ray Train,
@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="Optimizer steps of each side.")
     parser.add_argument("--window", type=int, default=50, help="Steps at the start and at the end that are compared.")
-    parser.add_argument("--multiple", type=int, default=64, help="The rounded side's --pad-to-multiple.")
+    parser.add_argument("--multiple", type=int, default=32, help="The rounded side's --pad-to-multiple.")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the training process on both sides.")
     parser.add_argument("--workdir", default="/tmp/uniner-bench-drift")

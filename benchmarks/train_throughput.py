@@ -13,8 +13,9 @@ every run, the benchmark checks that the tokens of each step are those of the ke
 lengths of the conversations, so sides that drew different batches could not be compared. A step's time includes
 fetching its batches. Each round runs both sides, in alternating order, so that a drift in the machine's speed hits
 both alike. Prints a table, then `nonpad_token_share: <share>` (real tokens over all tokens of the worker's
-micro-batches in one epoch) and, last, `ray_train_overhead: <ratio>` (Ray seconds per real token over plain seconds
-per real token, summed over the steps after the first `--skip` (warm-up) of every round).
+length-grouped micro-batches in one epoch, before their widths are rounded up to `--pad-to-multiple`) and, last,
+`ray_train_overhead: <ratio>` (Ray seconds per real token over plain seconds per real token, summed over the steps
+after the first `--skip` (warm-up) of every round).
 """
 
 from __future__ import annotations
@@ -234,10 +235,12 @@ def main() -> None:
     if args.steps > per_epoch:
         sys.exit(f"--steps {args.steps} is more than one epoch of the sample ({per_epoch} steps): give fewer steps")
     pad_id = padding_id(AutoTokenizer.from_pretrained(resolve_model(config.model)))
-    grouped = nonpad_share(epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id))
+    exact = dataclasses.replace(config, pad_to_multiple=1)  # what grouping by length leaves, before rounding
+    grouped = nonpad_share(epoch_batches(iter(windows), exact, epoch=0, rank=0, pad_id=pad_id))
     ungrouped = nonpad_share(
-        epoch_batches(one_batch_windows(windows, config.batch_size), config, epoch=0, rank=0, pad_id=pad_id)
+        epoch_batches(one_batch_windows(windows, config.batch_size), exact, epoch=0, rank=0, pad_id=pad_id)
     )
+    rounded = nonpad_share(epoch_batches(iter(windows), config, epoch=0, rank=0, pad_id=pad_id))
     expected = step_tokens(windows, config, pad_id=pad_id)
 
     plain, ray, walls = [], [], []
@@ -266,7 +269,8 @@ def main() -> None:
     print("| batching | non-padding token share |\n| --- | --- |")
     print(
         f"| random order | {ungrouped:.3f} |\n"
-        f"| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |"
+        f"| length-grouped, window of {config.length_window} micro-batches | {grouped:.3f} |\n"
+        f"| the same, widths rounded up to a multiple of {config.pad_to_multiple} (the default) | {rounded:.3f} |"
     )
     print(
         "\n| round | first | plain ms per real token | Ray Train ms per real token | ratio | "

@@ -211,14 +211,16 @@ def check_output(out, output_format):
         for entity in row["entities"]:
             assert row["text"][entity["start"] : entity["end"]] == entity["text"]
     assert rows["uni"]["text"] == LAKE_DOCS["uni"]
-    # No --model: the built-in student, which finds people, an organization and cities with their offsets.
+    # No --model: the built-in student, which finds people, an organization and cities with their offsets, and no
+    # span that is not one of the sentence's names (it may give a name a second type: model card, Limits).
     found = {(e["type"], e["text"], e["start"], e["end"]) for e in rows["en"]["entities"]}
-    assert found == {
+    assert {
         ("person", "Maria Keller", 0, 12),
         ("city", "Berlin", 23, 29),
         ("city", "Nairobi", 33, 40),
         ("organization", "Fjord Shipping", 46, 60),
-    }
+    } <= found
+    assert {text for _, text, _, _ in found} == {"Maria Keller", "Berlin", "Nairobi", "Fjord Shipping"}
     found = {(e["type"], e["text"], e["start"], e["end"]) for e in rows["news"]["entities"]}
     assert {("person", "Angela Merkel", 0, 13), ("city", "Munich", 43, 49)} <= found
     summary = json.loads((out / "_summary.json").read_text())
