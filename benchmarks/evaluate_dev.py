@@ -89,7 +89,7 @@ def main() -> None:
         ),
     )
     parser.add_argument("--sample", type=int, default=100, help="Sentences per set (a fixed seeded sample; 0: all).")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="As the official evaluation (256).")
     parser.add_argument("--workdir", default="/tmp/uniner-bench-evaluate-dev")
     args = parser.parse_args()
     if not SHARED.is_dir():

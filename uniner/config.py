@@ -457,7 +457,9 @@ class EvaluateConfig(StageConfig):
     batch_size: int = setting(64, "Queries per engine batch.")
     replicas: int = setting(1, "Engine actors.")
     gpus_per_replica: float = setting(0.0, "GPUs per engine actor; 0 runs on CPU.")
-    max_new_tokens: int = setting(64, "Bound on the tokens of one answer.")
+    max_new_tokens: int = setting(
+        256, "Bound on the tokens of one answer (256, as the official UniNER evaluation; a cut answer scores [])."
+    )
 
     def check(self) -> None:
         if not self.data:
