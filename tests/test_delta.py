@@ -100,6 +100,34 @@ def test_a_one_bit_residual_keeps_more_and_the_rebuild_is_what_export_measured(t
     assert 1 - missed / (total + vectors) == pytest.approx(hybrid["energy_kept"], rel=1e-3)
 
 
+def test_students_average_weight_by_weight_and_their_mean_exports_like_a_student(tmp_path):
+    base = tmp_path / "base"
+    original = tiny_model(base, seed=0)
+    first = fine_tuned(base, tmp_path / "student", rank=1)
+    second = {name: original[name] + 3 * (weight - original[name]) for name, weight in first.items()}
+    (tmp_path / "second").mkdir()
+    save_file(second, tmp_path / "second" / delta.WEIGHTS, metadata={"format": "pt"})
+    students = [tmp_path / "student", tmp_path / "second"]
+    delta.average(students=students, output=tmp_path / "mean")
+    delta.export(student=tmp_path / "mean", base=base, output=tmp_path / "d.safetensors", rank=4, residual_bits=0)
+    delta.rebuild(base=base, delta=tmp_path / "d.safetensors", output=tmp_path / "rebuilt")
+    rebuilt, mean = load_file(tmp_path / "rebuilt" / delta.WEIGHTS), load_file(tmp_path / "mean" / delta.WEIGHTS)
+    assert json.loads((tmp_path / "mean" / "config.json").read_text())["uniner_marker"] == "student"
+    for name, weight in first.items():
+        expected = original[name] + 2 * (weight - original[name])
+        torch.testing.assert_close(mean[name], expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rebuilt[name], expected, atol=2e-3, rtol=1e-3)
+
+
+def test_students_of_other_shapes_are_not_averaged(tmp_path):
+    tiny_model(tmp_path / "base", seed=0)
+    fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)
+    (tmp_path / "other").mkdir()
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "other" / delta.WEIGHTS)
+    with pytest.raises(ValueError, match="average students of one base"):
+        delta.averaged_weights([tmp_path / "student", tmp_path / "other"])
+
+
 def test_signs_and_scales_round_trip_any_width():
     residual = torch.randn(5, 13)
     packed, scales = delta.signs_and_scales(residual)
