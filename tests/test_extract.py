@@ -212,7 +212,7 @@ def check_output(out, output_format):
             assert row["text"][entity["start"] : entity["end"]] == entity["text"]
     assert rows["uni"]["text"] == LAKE_DOCS["uni"]
     # No --model: the built-in student, which finds people, an organization and cities with their offsets, and no
-    # span that is not one of the sentence's names (it may give a name a second type: model card, Limits).
+    # span that is not one of the sentence's names (a name may carry a second type).
     found = {(e["type"], e["text"], e["start"], e["end"]) for e in rows["en"]["entities"]}
     assert {
         ("person", "Maria Keller", 0, 12),
