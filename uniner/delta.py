@@ -155,9 +155,7 @@ def rebuild(*, base: Path, delta: Path, output: Path) -> None:
                 weights[name] = (weights[name].to(torch.float32) + change).contiguous()
     output.mkdir(parents=True, exist_ok=True)
     save_file(weights, output / WEIGHTS, metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, output / name)
+    copy_files(TOKENIZER_FILES, source=base, output=output)
     for name in CONFIG_FILES:
         if name in metadata:
             (output / name).write_text(metadata[name])
@@ -169,9 +167,14 @@ def average(*, students: list[Path], output: Path) -> None:
 
     output.mkdir(parents=True, exist_ok=True)
     save_file(averaged_weights(students), output / WEIGHTS, metadata={"format": "pt"})
-    for name in TOKENIZER_FILES + CONFIG_FILES:
-        if (students[0] / name).is_file():
-            shutil.copyfile(students[0] / name, output / name)
+    copy_files(TOKENIZER_FILES + CONFIG_FILES, source=students[0], output=output)
+
+
+def copy_files(names: tuple[str, ...], *, source: Path, output: Path) -> None:
+    """Copy those of `names` that `source` holds into `output`."""
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, output / name)
 
 
 def main() -> None:
