@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,6 +128,16 @@ def test_students_of_other_shapes_are_not_averaged(tmp_path):
     save_file({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "other" / delta.WEIGHTS)
     with pytest.raises(ValueError, match="average students of one base"):
         delta.averaged_weights([tmp_path / "student", tmp_path / "other"])
+
+
+def test_averaging_one_model_is_one_line_and_writes_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "uniner.delta", "average", "--student", "only-one", "--output", str(tmp_path / "mean")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0
+    assert "give two or more" in result.stderr and not (tmp_path / "mean").exists()
 
 
 def test_signs_and_scales_round_trip_any_width():

@@ -213,7 +213,12 @@ def run_command(args: argparse.Namespace) -> None:
     from uniner.models import resolve_model
 
     if args.command == "average":
-        average(students=[resolve_model(spec) for spec in args.student.split(",") if spec], output=Path(args.output))
+        specs = [spec for spec in args.student.split(",") if spec]
+        if len(specs) < 2:
+            raise ValueError(
+                f"--student {args.student!r} names {len(specs)} model(s): give two or more, separated by commas"
+            )
+        average(students=[resolve_model(spec) for spec in specs], output=Path(args.output))
     elif args.command == "export":
         report = export(
             student=resolve_model(args.student),
