@@ -77,6 +77,21 @@ def test_a_rank_below_the_change_keeps_less_and_is_smaller(tmp_path):
     assert cut["bytes"] < full["bytes"]
 
 
+def test_embedding_rank_zero_keeps_the_base_embedding_and_stores_none_of_it(tmp_path):
+    base = tmp_path / "base"
+    original = tiny_model(base, seed=0)
+    student = fine_tuned(base, tmp_path / "student", rank=2)
+    with_embedding = export(tmp_path, "a.safetensors", rank=4, embedding_rank=4, residual_bits=1)
+    without = export(tmp_path, "b.safetensors", rank=4, embedding_rank=0, residual_bits=1)
+    assert without["bytes"] < with_embedding["bytes"] and without["energy_kept"] < with_embedding["energy_kept"]
+    assert not any("embed" in key for key in load_file(tmp_path / "b.safetensors"))
+    delta.rebuild(base=base, delta=tmp_path / "b.safetensors", output=tmp_path / "rebuilt")
+    rebuilt = load_file(tmp_path / "rebuilt" / delta.WEIGHTS)
+    assert torch.equal(rebuilt["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    layer = "model.layers.0.mlp.up_proj.weight"  # an exact rank-2 change, stored whole at rank 4
+    torch.testing.assert_close(rebuilt[layer], student[layer], atol=2e-3, rtol=1e-3)
+
+
 def test_a_delta_refuses_another_base(tmp_path):
     tiny_model(tmp_path / "base", seed=0)
     tiny_model(tmp_path / "other", seed=3)
