@@ -319,8 +319,8 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     types = entity_types(config)
     backend = pick_backend(config.backend)
     output = config.locate(config.output)
-    model_dir = str(resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url))  # fetched once, here
     files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
+    model_dir = str(resolve_model(config.model, s3_endpoint_url=config.s3_endpoint_url))  # fetched once, here
     storage.prepare_output(output, overwrite=config.overwrite)
     init_ray()
     log.info(

@@ -292,8 +292,8 @@ def run(config: PassagesConfig) -> dict[str, Any]:
 
     started = time.time()
     output = config.locate(config.output)
-    resolve_model(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url)  # fetch once here, not in every actor
     files = document_files(config.input, input_format=config.input_format, s3_endpoint_url=config.s3_endpoint_url)
+    resolve_model(config.tokenizer, s3_endpoint_url=config.s3_endpoint_url)  # fetch once here, not in every actor
     storage.prepare_output(output, overwrite=config.overwrite)
     init_ray()
     workers = max(1, min(config.num_workers or cluster_cpus(), len(files)))
