@@ -136,6 +136,32 @@ def test_students_average_weight_by_weight_and_their_mean_exports_like_a_student
         torch.testing.assert_close(rebuilt[name], expected, atol=2e-3, rtol=1e-3)
 
 
+def test_weighted_mean_gives_each_student_its_share(tmp_path):
+    base = tmp_path / "base"
+    original = tiny_model(base, seed=0)
+    first = fine_tuned(base, tmp_path / "student", rank=1)
+    (tmp_path / "second").mkdir()
+    save_file(original, tmp_path / "second" / delta.WEIGHTS, metadata={"format": "pt"})
+    mean = delta.averaged_weights([tmp_path / "student", tmp_path / "second"], [2, 1])
+    for name, weight in first.items():
+        torch.testing.assert_close(mean[name], (2 * weight + original[name]) / 3, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="one positive weight per student"):
+        delta.averaged_weights([tmp_path / "student", tmp_path / "second"], [1])
+
+
+def test_weights_that_are_not_numbers_are_one_line_and_write_nothing(tmp_path):
+    tiny_model(tmp_path / "base", seed=0)
+    fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "uniner.delta", "average", "--student", f"{tmp_path / 'student'},{tmp_path / 'base'}"]
+        + ["--weights", "2,x", "--output", str(tmp_path / "mean")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0
+    assert "give numbers separated by commas" in result.stderr and not (tmp_path / "mean").exists()
+
+
 def test_students_of_other_shapes_are_not_averaged(tmp_path):
     tiny_model(tmp_path / "base", seed=0)
     fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)

@@ -74,19 +74,25 @@ def from_signs(packed, scales, columns: int):
     return signs * scales.to(torch.float32)[:, None]
 
 
-def averaged_weights(students: list[Path]) -> dict[str, Any]:
-    """The fp32 mean of several students' weights (a uniform model soup); they must share names and shapes."""
+def averaged_weights(students: list[Path], weights: list[float] | None = None) -> dict[str, Any]:
+    """The fp32 mean of several students' weights (a model soup), uniform unless `weights` gives each student's
+    share (normalized to sum to 1: a mean of two runs weighted 2 beside a third run is the mean of all three). The
+    students must share names and shapes."""
     import torch
     from safetensors.torch import load_file
 
-    total = {name: weight.to(torch.float32) for name, weight in load_file(students[0] / WEIGHTS).items()}
-    for student in students[1:]:
-        weights = load_file(student / WEIGHTS)
-        if set(weights) != set(total) or any(weights[n].shape != total[n].shape for n in total):
+    shares = [1.0] * len(students) if weights is None else list(weights)
+    if len(shares) != len(students) or min(shares) <= 0:
+        raise ValueError(f"{len(shares)} weights for {len(students)} students: give one positive weight per student")
+    shares = [share / sum(shares) for share in shares]
+    total = {name: weight.to(torch.float32) * shares[0] for name, weight in load_file(students[0] / WEIGHTS).items()}
+    for student, share in zip(students[1:], shares[1:]):
+        tensors = load_file(student / WEIGHTS)
+        if set(tensors) != set(total) or any(tensors[n].shape != total[n].shape for n in total):
             raise ValueError(f"{student} does not have the weights of {students[0]}: average students of one base")
-        for name, weight in weights.items():
-            total[name] += weight.to(torch.float32)
-    return {name: weight / len(students) for name, weight in total.items()}
+        for name, weight in tensors.items():
+            total[name] += weight.to(torch.float32) * share
+    return total
 
 
 def export(
@@ -165,12 +171,14 @@ def rebuild(*, base: Path, delta: Path, output: Path) -> None:
             (output / name).write_text(metadata[name])
 
 
-def average(*, students: list[Path], output: Path) -> None:
-    """Write the mean of `students` (Hugging Face folders fine-tuned from one base) as a folder like the first."""
+def average(*, students: list[Path], output: Path, weights: list[float] | None = None) -> None:
+    """Write the mean of `students` (Hugging Face folders fine-tuned from one base) as a folder like the first,
+    weighted by `weights` where given (see averaged_weights)."""
     from safetensors.torch import save_file
 
+    merged = averaged_weights(students, weights)
     output.mkdir(parents=True, exist_ok=True)
-    save_file(averaged_weights(students), output / WEIGHTS, metadata={"format": "pt"})
+    save_file(merged, output / WEIGHTS, metadata={"format": "pt"})
     copy_files(TOKENIZER_FILES + CONFIG_FILES, source=students[0], output=output)
 
 
@@ -210,6 +218,10 @@ def main() -> None:
     back.add_argument("--output", required=True, help="the folder to write")
     mean = commands.add_parser("average", help="write the weight-by-weight mean of students of one base")
     mean.add_argument("--student", required=True, help="the fine-tuned models, comma-separated model specs")
+    mean.add_argument(
+        "--weights",
+        help="each student's share, comma-separated numbers in --student's order (default: equal shares)",
+    )
     mean.add_argument("--output", required=True, help="the folder to write")
     args = parser.parse_args()
     try:
@@ -227,7 +239,13 @@ def run_command(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--student {args.student!r} names {len(specs)} model(s): give two or more, separated by commas"
             )
-        average(students=[resolve_model(spec) for spec in specs], output=Path(args.output))
+        weights = None
+        if args.weights:
+            try:
+                weights = [float(value) for value in args.weights.split(",")]
+            except ValueError:
+                raise ValueError(f"--weights {args.weights!r}: give numbers separated by commas, e.g. 2,1") from None
+        average(students=[resolve_model(spec) for spec in specs], output=Path(args.output), weights=weights)
     elif args.command == "export":
         report = export(
             student=resolve_model(args.student),
