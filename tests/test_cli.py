@@ -219,3 +219,13 @@ def test_every_row_of_the_bad_input_table_names_a_test_that_exists():
             assert f"def {name}(" in (root / "tests" / test_file).read_text(), (test_file, name)
             named += 1
     assert named >= 15
+
+
+def test_where_the_output_went_is_named_when_ray_failed_to_start(tmp_path, monkeypatch, capsys):
+    """A Ray that timed out at startup leaves a diverted stderr file, no logs folder: the last line names the file."""
+    from uniner import cli
+
+    monkeypatch.setattr(cli, "diverted", lambda: {"stderr": str(tmp_path / "stderr.log")})
+    status = cli.main(["passages", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert status == 2 and last == f"this process's other output: {tmp_path / 'stderr.log'} (--debug shows it here)"
