@@ -229,3 +229,7 @@ def test_where_the_output_went_is_named_when_ray_failed_to_start(tmp_path, monke
     status = cli.main(["passages", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert status == 2 and last == f"this process's other output: {tmp_path / 'stderr.log'} (--debug shows it here)"
+    monkeypatch.setattr(cli, "diverted", lambda: {"stderr": "err.log", "logs": "ray-logs"})
+    cli.main(["passages", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "Ray's logs: ray-logs; this process's other output: err.log (--debug shows both here)"

@@ -129,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_terminal() as terminal:
         status = _run(args, terminal)
     places = diverted()
-    if places:  # Ray's logs folder is known only once Ray has started; a Ray that failed to start has none
-        logs = f"Ray's logs: {places['logs']}; " if "logs" in places else ""
-        print(f"{logs}this process's other output: {places['stderr']} (--debug shows it here)")
+    if "logs" in places:
+        print(
+            f"Ray's logs: {places['logs']}; this process's other output: {places['stderr']} (--debug shows both here)"
+        )
+    elif places:  # Ray's logs folder is known only once Ray has started: a Ray that failed to start has none
+        print(f"this process's other output: {places['stderr']} (--debug shows it here)")
     return status
 
 
