@@ -162,6 +162,18 @@ def test_weights_that_are_not_numbers_are_one_line_and_write_nothing(tmp_path):
     assert "give numbers separated by commas" in result.stderr and not (tmp_path / "mean").exists()
 
 
+def test_a_wrong_count_of_weights_is_reported_before_any_model_is_looked_up(tmp_path):
+    missing = [str(tmp_path / "not-made-yet"), str(tmp_path / "nor-this")]
+    result = subprocess.run(
+        [sys.executable, "-m", "uniner.delta", "average", "--student", ",".join(missing)]
+        + ["--weights", "1", "--output", str(tmp_path / "mean")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0
+    assert "1 weights for 2 students" in result.stderr and not (tmp_path / "mean").exists()
+
+
 def test_students_of_other_shapes_are_not_averaged(tmp_path):
     tiny_model(tmp_path / "base", seed=0)
     fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)

@@ -75,6 +75,14 @@ def from_signs(packed, scales, columns: int):
     return signs * scales.to(torch.float32)[:, None]
 
 
+def normalized_shares(weights: list[float] | None, students: int) -> list[float]:
+    """Each student's share of a mean, summing to 1: equal without `weights`, else `weights` normalized."""
+    shares = [1.0] * students if weights is None else list(weights)
+    if len(shares) != students or min(shares) <= 0:
+        raise ValueError(f"{len(shares)} weights for {students} students: give one positive weight per student")
+    return [share / sum(shares) for share in shares]
+
+
 def averaged_weights(students: list[Path], weights: list[float] | None = None) -> dict[str, Any]:
     """The fp32 mean of several students' weights (a model soup), uniform unless `weights` gives each student's
     share (normalized to sum to 1: a mean of two runs weighted 2 beside a third run is the mean of all three). The
@@ -82,10 +90,7 @@ def averaged_weights(students: list[Path], weights: list[float] | None = None) -
     import torch
     from safetensors.torch import load_file
 
-    shares = [1.0] * len(students) if weights is None else list(weights)
-    if len(shares) != len(students) or min(shares) <= 0:
-        raise ValueError(f"{len(shares)} weights for {len(students)} students: give one positive weight per student")
-    shares = [share / sum(shares) for share in shares]
+    shares = normalized_shares(weights, len(students))
     total = {name: weight.to(torch.float32) * shares[0] for name, weight in load_file(students[0] / WEIGHTS).items()}
     for student, share in zip(students[1:], shares[1:]):
         tensors = load_file(student / WEIGHTS)
@@ -246,6 +251,7 @@ def run_command(args: argparse.Namespace) -> None:
                 weights = [float(value) for value in args.weights.split(",")]
             except ValueError:
                 raise ValueError(f"--weights {args.weights!r}: give numbers separated by commas, e.g. 2,1") from None
+            normalized_shares(weights, len(specs))  # before resolving: a built-in student may need a fetch first
         average(students=[resolve_model(spec) for spec in specs], output=Path(args.output), weights=weights)
     elif args.command == "export":
         report = export(
