@@ -8,9 +8,10 @@ train (the seven sets of the zero-shot mean), plus CoNLL-2003 test reported apar
 Every model runs through `uniner evaluate` (the extraction engine, the official protocol) on the same queries.
 `--predictions LABEL=FILE` scores answers that a `uniner evaluate` run already made on the same sets, with the same
 or a larger sample (samples nest), instead of running the model again: the evaluate stage of jobs/cpu-student.yaml,
-say. Prints one table (official F1 per set, the mean of the seven) and, last, `dev_mean_f1: <figure>` for the last
-row; writes the table as dev.md and a chart as dev.png to --workdir, and each row's full report below it. Needs
-../shared/data beside the project.
+say. `--seed N` draws another fixed sample of the same size, to check on other sentences a choice made on the dev
+benchmark's own (seed 0). Prints one table (official F1 per set, the mean of the seven) and, last,
+`dev_mean_f1: <figure>` for the last row; writes the table as dev.md and a chart as dev.png to --workdir, and each
+row's full report below it. Needs ../shared/data beside the project.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def evaluate_row(index: int, *, model: str = "", predictions: str = "", args) ->
         overwrite=True,
         output=os.path.join(args.workdir, f"row-{index}"),
         sample_per_dataset=args.sample,
+        seed=args.seed,
         max_new_tokens=args.max_new_tokens,
     )
     config.check()
@@ -89,6 +91,13 @@ def main() -> None:
         ),
     )
     parser.add_argument("--sample", type=int, default=100, help="Sentences per set (a fixed seeded sample; 0: all).")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the sample (0: the dev benchmark's). Another seed draws other sentences, to check on them a "
+        "choice made on seed 0.",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="As the official evaluation (256).")
     parser.add_argument("--workdir", default="/tmp/uniner-bench-evaluate-dev")
     args = parser.parse_args()
@@ -114,7 +123,8 @@ def main() -> None:
     Path(args.workdir, "dev.md").write_text(markdown + "\n")
     chart(rows, names, zero_shot, os.path.join(args.workdir, "dev.png"))
     print(
-        f"\nofficial protocol, strict F1 (%), {args.sample or 'all'} sentences per set; "
+        f"\nofficial protocol, strict F1 (%), {args.sample or 'all'} sentences per set"
+        f"{f' (sample seed {args.seed})' if args.seed and args.sample else ''}; "
         "conll2003-test is trained-on data"
     )
     print(markdown)

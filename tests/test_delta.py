@@ -149,6 +149,16 @@ def test_weighted_mean_gives_each_student_its_share(tmp_path):
         delta.averaged_weights([tmp_path / "student", tmp_path / "second"], [1])
 
 
+def test_the_base_as_a_student_pulls_the_mean_back_toward_it(tmp_path):
+    base = tmp_path / "base"
+    original = tiny_model(base, seed=0)
+    tuned = fine_tuned(base, tmp_path / "student", rank=1)
+    delta.average(students=[tmp_path / "student", base], output=tmp_path / "pulled", weights=[4, 1])
+    pulled = load_file(tmp_path / "pulled" / delta.WEIGHTS)
+    for name, weight in tuned.items():
+        torch.testing.assert_close(pulled[name], original[name] + 0.8 * (weight - original[name]), atol=1e-6, rtol=1e-6)
+
+
 def test_weights_that_are_not_numbers_are_one_line_and_write_nothing(tmp_path):
     tiny_model(tmp_path / "base", seed=0)
     fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)

@@ -6,7 +6,8 @@ fp16 factors of its top singular directions (`up @ down`) plus, by default, what
 base. The student's config files travel in the delta's metadata; its tokenizer must be the base's, which `export`
 checks. Several students of one base (checkpoints of a run, or runs with other seeds) can be averaged weight by
 weight first: `average` writes their mean as a folder (equal shares, or those of `--weights`), which `export` takes
-like any student.
+like any student. The base may be one of the students: its share moves the mean back toward it (WiSE-FT's
+weight-space ensemble).
 For the 135M student at rank 18, with the token embedding left as the base's (`--embedding-rank 0`: its difference
 is large and worth nothing measurable): 25 MB against 540 MB of fp32 weights, 0.3 points below those weights on the
 dev benchmark (rank 10 with the embedding's difference: 24 MB, 0.8 below).
@@ -223,7 +224,11 @@ def main() -> None:
     back.add_argument("--delta", required=True, help="the .safetensors delta")
     back.add_argument("--output", required=True, help="the folder to write")
     mean = commands.add_parser("average", help="write the weight-by-weight mean of students of one base")
-    mean.add_argument("--student", required=True, help="the fine-tuned models, comma-separated model specs")
+    mean.add_argument(
+        "--student",
+        required=True,
+        help="the fine-tuned models, comma-separated model specs; their base may be one, to pull the mean toward it",
+    )
     mean.add_argument(
         "--weights",
         help="each student's share, comma-separated numbers in --student's order (default: equal shares)",
