@@ -20,6 +20,8 @@ import argparse
 import os
 from pathlib import Path
 
+from uniner.errors import UserError
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ZERO_SHOT = [
     "crossner/ai/dev.txt",
@@ -49,11 +51,10 @@ def evaluate_row(index: int, *, model: str = "", predictions: str = "", args) ->
         max_new_tokens=args.max_new_tokens,
     )
     config.check()
-    summary = evaluate.run(config)
     # Samples nest (the smallest seeded hashes), so predictions made on a larger sample cover a smaller one; the
-    # answers to sentences outside this sample are counted as unknown and left out.
-    if any(s["missing_predictions"] for s in summary["datasets"].values()):
-        raise SystemExit(f"{predictions} was not made on these sets with --sample {args.sample} or larger: rerun it")
+    # answers to sentences outside this sample are counted as unknown and left out. Predictions that miss queries of
+    # this sample (a smaller sample, another seed) stop evaluate with a UserError that says so.
+    summary = evaluate.run(config)
     return {name: 100 * scores["f1"] for name, scores in summary["datasets"].items()}
 
 
@@ -87,7 +88,8 @@ def main() -> None:
         default=[],
         metavar="LABEL=FILE",
         help=(
-            "predictions.jsonl of an earlier `uniner evaluate` run on the same sets, same or larger sample; repeatable."
+            "predictions.jsonl of an earlier `uniner evaluate` run on the same sets, same seed, same or larger "
+            "sample; repeatable."
         ),
     )
     parser.add_argument("--sample", type=int, default=100, help="Sentences per set (a fixed seeded sample; 0: all).")
@@ -111,10 +113,13 @@ def main() -> None:
         scored.append((label, path))
 
     rows: dict[str, dict[str, float]] = {}
-    for model in [m for m in args.models.split(",") if m]:
-        rows[model] = evaluate_row(len(rows), model=model, args=args)
-    for label, path in scored:
-        rows[label] = evaluate_row(len(rows), predictions=path, args=args)
+    try:
+        for model in [m for m in args.models.split(",") if m]:
+            rows[model] = evaluate_row(len(rows), model=model, args=args)
+        for label, path in scored:
+            rows[label] = evaluate_row(len(rows), predictions=path, args=args)
+    except UserError as error:  # bad input (a model, a predictions file): one line, not a traceback
+        raise SystemExit(f"evaluate_dev: {error}") from None
     if not rows:
         raise SystemExit("nothing to evaluate: give --models or --predictions")
     names = list(next(iter(rows.values())))
