@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from uniner import delta
@@ -210,3 +212,71 @@ def test_signs_and_scales_round_trip_any_width():
     restored = delta.from_signs(packed, scales, 13)
     assert torch.equal(restored.sign(), residual.sign())
     torch.testing.assert_close(restored.abs().mean(dim=1), residual.abs().mean(dim=1), atol=1e-3, rtol=1e-3)
+
+
+def test_signs_fitted_to_the_inputs_err_less_on_them_than_the_residuals_own_signs():
+    torch.manual_seed(0)
+    residual = torch.randn(24, 40)
+    samples = torch.randn(500, 6) @ torch.randn(6, 40) + 0.1 * torch.randn(500, 40)  # inputs in few directions
+    inputs = samples.T @ samples / len(samples)
+
+    def output_error(packed, scales) -> float:
+        error = residual - delta.from_signs(packed, scales, 40)
+        return float(((error @ inputs) * error).sum())
+
+    assert output_error(*delta.signs_and_scales(residual, inputs)) < 0.5 * output_error(
+        *delta.signs_and_scales(residual)
+    )
+
+
+def test_a_calibrated_export_keeps_more_of_the_outputs_and_rebuilds_what_it_reported(tmp_path, tiny_model_dir):
+    from importlib import resources
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    fine_tuned(tmp_path / "base", tmp_path / "student", rank=16)
+    delta.copy_files(delta.TOKENIZER_FILES, source=tmp_path / "base", output=tmp_path / "student")
+    calibration = tmp_path / "conversations.json"
+    calibration.write_text(resources.files("uniner.data").joinpath("pile_ner_sample/pile-ner-heldout.json").read_text())
+    plain = export(tmp_path, "plain.safetensors", rank=2, embedding_rank=0)
+    fitted = export(
+        tmp_path, "fitted.safetensors", rank=2, embedding_rank=0, calibration=calibration, calibration_conversations=6
+    )
+    assert "output_kept" not in plain
+    student, original = load_file(tmp_path / "student" / delta.WEIGHTS), load_file(tmp_path / "base" / delta.WEIGHTS)
+    moments = delta.input_moments(tmp_path / "student", delta.calibration_conversations_of(calibration, 6))
+    moments = {name: moment for name, moment in moments.items() if name in student}  # the tied head is the embedding
+
+    def output_kept(name: str) -> float:
+        delta.rebuild(base=tmp_path / "base", delta=tmp_path / name, output=tmp_path / f"rebuilt-{name}")
+        rebuilt = load_file(tmp_path / f"rebuilt-{name}" / delta.WEIGHTS)
+        missed = sum(
+            float(((student[n] - rebuilt[n]) @ h * (student[n] - rebuilt[n])).sum()) for n, h in moments.items()
+        )
+        total = sum(
+            float(((student[n] - original[n]) @ h * (student[n] - original[n])).sum()) for n, h in moments.items()
+        )
+        return 1 - missed / total
+
+    assert output_kept("plain.safetensors") < output_kept("fitted.safetensors")
+    assert output_kept("fitted.safetensors") == pytest.approx(fitted["output_kept"], rel=1e-3)
+    with safe_open(tmp_path / "fitted.safetensors", framework="pt") as stored:
+        assert stored.metadata()["calibration"] == "conversations.json, 6 conversations"
+
+
+def test_a_calibration_file_that_is_not_conversations_is_one_line_and_writes_nothing(tmp_path):
+    tiny_model(tmp_path / "base", seed=0)
+    fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)
+    (tmp_path / "notes.json").write_text('{"text": "not a list"}')
+    for calibration, problem in (
+        (tmp_path / "missing.json", "No such file"),
+        (tmp_path / "notes.json", "not a JSON list"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "uniner.delta", "export", "--student", str(tmp_path / "student")]
+            + ["--base", str(tmp_path / "base"), "--calibration", str(calibration), "--output", str(tmp_path / "d")],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert problem in result.stderr and "UniNER conversations" in result.stderr
+        assert not (tmp_path / "d").exists()
