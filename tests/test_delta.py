@@ -263,20 +263,22 @@ def test_a_calibrated_export_keeps_more_of_the_outputs_and_rebuilds_what_it_repo
         assert stored.metadata()["calibration"] == "conversations.json, 6 conversations"
 
 
-def test_a_calibration_file_that_is_not_conversations_is_one_line_and_writes_nothing(tmp_path):
+def test_a_calibration_that_cannot_be_used_is_one_line_and_writes_nothing(tmp_path):
     tiny_model(tmp_path / "base", seed=0)
     fine_tuned(tmp_path / "base", tmp_path / "student", rank=1)
     (tmp_path / "notes.json").write_text('{"text": "not a list"}')
-    for calibration, problem in (
-        (tmp_path / "missing.json", "No such file"),
-        (tmp_path / "notes.json", "not a JSON list"),
-    ):
+    cases = (
+        (tmp_path / "missing.json", [], "No such file"),
+        (tmp_path / "notes.json", [], "not a JSON list of UniNER conversations"),
+        (tmp_path / "notes.json", ["--residual-bits", "0"], "--residual-bits 0 leaves out"),
+    )
+    for calibration, options, problem in cases:
         result = subprocess.run(
             [sys.executable, "-m", "uniner.delta", "export", "--student", str(tmp_path / "student")]
-            + ["--base", str(tmp_path / "base"), "--calibration", str(calibration), "--output", str(tmp_path / "d")],
+            + ["--base", str(tmp_path / "base"), "--calibration", str(calibration), "--output", str(tmp_path / "d")]
+            + options,
             capture_output=True,
             text=True,
         )
         assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
-        assert problem in result.stderr and "UniNER conversations" in result.stderr
-        assert not (tmp_path / "d").exists()
+        assert problem in result.stderr and not (tmp_path / "d").exists()

@@ -379,6 +379,8 @@ def run_command(args: argparse.Namespace) -> None:
             normalized_shares(weights, len(specs))  # before resolving: a built-in student may need a fetch first
         average(students=[resolve_model(spec) for spec in specs], output=Path(args.output), weights=weights)
     elif args.command == "export":
+        if args.calibration and not args.residual_bits:
+            raise ValueError("--calibration fits the one-bit residual, which --residual-bits 0 leaves out: drop one")
         report = export(
             student=resolve_model(args.student),
             base=resolve_model(args.base),
