@@ -204,15 +204,17 @@ def export(
     import torch
     from safetensors.torch import load_file, save_file
 
+    if calibration is not None and not residual_bits:
+        raise ValueError("--calibration fits the one-bit residual, which --residual-bits 0 leaves out: drop one")
+    records = [] if calibration is None else calibration_conversations_of(calibration, calibration_conversations)
     for name in TOKENIZER_FILES:
         if (student / name).is_file() and (student / name).read_bytes() != (base / name).read_bytes():
             raise ValueError(f"{student / name} differs from the base's: a delta keeps the base tokenizer")
     tuned, original = load_file(student / WEIGHTS), load_file(base / WEIGHTS)
     if set(tuned) - set(original):
         raise ValueError(f"the student has weights the base lacks: {sorted(set(tuned) - set(original))[:3]}")
-    moments, records = {}, []
-    if calibration is not None and residual_bits:
-        records = calibration_conversations_of(calibration, calibration_conversations)
+    moments = {}
+    if calibration is not None:
         log.info(
             "Running the student on %d conversations of %s to see its layers' inputs...", len(records), calibration
         )
@@ -379,8 +381,6 @@ def run_command(args: argparse.Namespace) -> None:
             normalized_shares(weights, len(specs))  # before resolving: a built-in student may need a fetch first
         average(students=[resolve_model(spec) for spec in specs], output=Path(args.output), weights=weights)
     elif args.command == "export":
-        if args.calibration and not args.residual_bits:
-            raise ValueError("--calibration fits the one-bit residual, which --residual-bits 0 leaves out: drop one")
         report = export(
             student=resolve_model(args.student),
             base=resolve_model(args.base),
