@@ -49,6 +49,7 @@ def evaluate_row(index: int, *, model: str = "", predictions: str = "", args) ->
         sample_per_dataset=args.sample,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
+        allow_missing=args.allow_missing,
     )
     config.check()
     # Samples nest (the smallest seeded hashes), so predictions made on a larger sample cover a smaller one; the
@@ -101,6 +102,11 @@ def main() -> None:
         "choice made on seed 0.",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="As the official evaluation (256).")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="Score the queries a --predictions file leaves out as empty answers instead of stopping.",
+    )
     parser.add_argument("--workdir", default="/tmp/uniner-bench-evaluate-dev")
     args = parser.parse_args()
     if not SHARED.is_dir():
