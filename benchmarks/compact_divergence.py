@@ -24,16 +24,10 @@ SAMPLE = (
 
 def tokenized(path: Path, *, skip: int, count: int, tokenizer, max_length: int) -> list:
     """Token ids and loss masks of conversations skip .. skip+count of `path`, those that fit `max_length`."""
-    from uniner.train_data import ConversationTokenizer, TooLong, conversation_turns
+    from uniner.train_data import tokenized_conversations
 
-    tokenize = ConversationTokenizer(tokenizer, max_length=max_length)
-    kept = []
-    for record in json.loads(path.read_text(encoding="utf-8"))[skip : skip + count]:
-        try:
-            kept.append(tokenize(conversation_turns(record["conversations"])))
-        except TooLong:
-            continue
-    return kept
+    records = json.loads(path.read_text(encoding="utf-8"))[skip : skip + count]
+    return tokenized_conversations(records, tokenizer, max_length=max_length)
 
 
 def log_probs(spec: str, conversations: list) -> list:

@@ -21,6 +21,7 @@ from uniner.train_data import (
     conversation_rng,
     micro_batches,
     shuffled_turns,
+    tokenized_conversations,
 )
 
 TYPES = ["person", "city", "company", "river", "year", "sport"]
@@ -100,6 +101,17 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tokenizer):
     assert cut.input_ids[-1] == tokenizer.eos_token_id and cut.loss_mask[-1] == 1
     with pytest.raises(TooLong):
         ConversationTokenizer(tokenizer, max_length=20)(turns)
+
+
+def test_tokenized_conversations_keep_order_leave_out_the_too_long_and_name_a_malformed_one(tokenizer):
+    def record(text: str) -> dict:
+        return {"conversations": [{"from": "human", "value": f"Text: {text}"}, {"from": "gpt", "value": READ_ACK}]}
+
+    short, long = record("Ada met Bob."), record("Ada met Bob in Oslo. " * 40)
+    kept = tokenized_conversations([short, long, short], tokenizer, max_length=64)
+    assert [t.input_ids for t in kept] == [ConversationTokenizer(tokenizer, max_length=64)(_turns(short)).input_ids] * 2
+    with pytest.raises(ValueError, match="conversation 1 of the list is not a UniNER conversation"):
+        tokenized_conversations([short, {"conversations": "Ada"}], tokenizer, max_length=64)
 
 
 def test_length_grouped_batches_keep_every_row_and_pad_little():

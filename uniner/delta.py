@@ -117,11 +117,11 @@ def input_moments(student: Path, records: list[dict[str, Any]], *, max_length: i
     import torch
 
     from uniner.models import load_causal_lm
-    from uniner.train_data import ConversationTokenizer, TooLong, conversation_turns
+    from uniner.train_data import tokenized_conversations
 
     model, tokenizer = load_causal_lm(str(student))
     model.eval()
-    tokenize = ConversationTokenizer(tokenizer, max_length=max_length)
+    conversations = tokenized_conversations(records, tokenizer, max_length=max_length)
     sums, counts = {}, {}
 
     def record_inputs(name: str):
@@ -136,14 +136,8 @@ def input_moments(student: Path, records: list[dict[str, Any]], *, max_length: i
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(record_inputs(f"{name}.weight"))
     with torch.no_grad():
-        for index, record in enumerate(records):
-            try:
-                ids = tokenize(conversation_turns(record.get("conversations"))).input_ids
-            except TooLong:
-                continue  # a text longer than max_length: the others show the inputs as well
-            except ValueError as error:
-                raise ValueError(f"calibration conversation {index} is not a conversation ({error})") from None
-            model(torch.tensor([ids]))
+        for conversation in conversations:
+            model(torch.tensor([conversation.input_ids]))
     if not sums:
         raise ValueError(f"no calibration conversation of at most {max_length} tokens: give shorter ones")
     return {name: (sums[name] / counts[name]).to(torch.float32) for name in sums}

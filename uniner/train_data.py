@@ -112,6 +112,21 @@ def conversation_turns(conversation: Any) -> list[tuple[str, str]]:
     return turns
 
 
+def tokenized_conversations(records: list[dict[str, Any]], tokenizer: Any, *, max_length: int) -> list[Tokenized]:
+    """The records' `conversations` tokenized in order, without shuffling, leaving out those whose text and first
+    answer exceed `max_length`; ValueError naming the first malformed one."""
+    tokenize = ConversationTokenizer(tokenizer, max_length=max_length)
+    kept = []
+    for index, record in enumerate(records):
+        try:
+            kept.append(tokenize(conversation_turns(record.get("conversations"))))
+        except TooLong:
+            continue  # the others still show what the model sees
+        except ValueError as error:
+            raise ValueError(f"conversation {index} of the list is not a UniNER conversation ({error})") from None
+    return kept
+
+
 class TokenizeConversations:
     """Ray Data callable class: rows {id, conversations} in, TOKENS_SCHEMA rows out (rejects carry a reason)."""
 
