@@ -2,6 +2,8 @@
 built-in student, and S3 (losing a Ray node mid-extract is in test_multinode.py)."""
 
 import json
+import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -330,12 +332,35 @@ def test_s3_in_and_out_with_an_empty_unicode_and_5mb_document(
     assert storage.exists(output.join("_summary.json")) and not storage.exists(output.join("_work"))
 
 
-def test_html_page_highlights_entities_by_type_and_shows_in_a_browser(tmp_path):
-    """The page escapes the text, colours each type, counts every document; Chromium draws the highlights."""
+def run_chromium(page: Path, profile: Path, *options: str) -> str:
+    """Headless Chromium on a local page with a 900x500 window; its standard output (for --dump-dom)."""
     import shutil
     import subprocess
 
-    text = "Ada Lovelace met <Charles Babbage> in London in 1833."
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium): the browser check is skipped")
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        f"--user-data-dir={profile}",
+        "--window-size=900,500",
+        *options,
+        page.as_uri(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_html_page_highlights_entities_by_type_and_shows_in_a_browser(tmp_path):
+    """The page escapes the text, colours each type, counts every document; Chromium draws the highlights, and a
+    long unbroken run of text wraps inside the window instead of widening the page."""
+    text = "Ada Lovelace met <Charles Babbage> in London in 1833. See https://example.org/" + "A1b2" * 80
     entities = [
         {"text": "Ada Lovelace", "type": "person", "start": 0, "end": 12},
         {"text": "Charles Babbage", "type": "person", "start": 18, "end": 33},
@@ -350,31 +375,19 @@ def test_html_page_highlights_entities_by_type_and_shows_in_a_browser(tmp_path):
     path = tmp_path / "entities.html"
     path.write_text(page)
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium not installed (apt-get install chromium): the screenshot check is skipped")
     shot = tmp_path / "page.png"
-    subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-sync",
-            "--disable-background-networking",
-            "--disable-component-update",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}",
-            "--window-size=900,500",
-            path.as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-    )
+    run_chromium(path, tmp_path / "profile", f"--screenshot={shot}")
     from matplotlib.image import imread
 
     pixels = (imread(shot)[:, :, :3] * 255).round().astype(int).reshape(-1, 3)
     for colour in spans.PALETTE[:2]:  # person's and city's highlight colours are on screen
         rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
         assert ((abs(pixels - rgb).sum(axis=1)) <= 6).sum() > 200, colour
+
+    measured = tmp_path / "measured.html"  # the page plus a script that writes its width into the DOM
+    measured.write_text(
+        page + "<script>document.body.dataset.width ="
+        " document.documentElement.scrollWidth + '/' + document.documentElement.clientWidth</script>"
+    )
+    width = re.search(r'data-width="(\d+)/(\d+)"', run_chromium(measured, tmp_path / "profile", "--dump-dom"))
+    assert width is not None and int(width[1]) <= int(width[2]), width and width[0]

@@ -235,4 +235,6 @@ _PAGE_STYLE = (
     "margin:1.2rem 0 .2rem}ul.legend{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:.4rem 1.2rem}"
     "mark{border-radius:.3rem;padding:.05rem .25rem}mark span{font-size:.65rem;font-weight:600;margin-left:.3rem;"
     "text-transform:uppercase;color:#444}p{margin:0;white-space:pre-wrap}"
+    # A long unbroken run (a URL, a rule of dashes) wraps instead of widening the page past the window.
+    "h1,p{overflow-wrap:anywhere}"
 )
