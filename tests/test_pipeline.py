@@ -44,6 +44,34 @@ def test_a_stage_run_alone_reads_what_an_earlier_run_wrote(tmp_path):
     assert list(configs) == ["annotate"] and configs["annotate"].input == str(tmp_path / "p")
 
 
+def test_without_a_trained_model_extract_and_evaluate_run_the_built_in_student(tmp_path):
+    from uniner.config import STUDENT_MODEL
+
+    raw = {
+        "workdir": str(tmp_path),
+        "stages": ["passages", "extract", "evaluate"],
+        "passages": {"input": "docs/"},
+        "extract": {"types": ["person"]},
+        "evaluate": {"data": ["dev.txt"]},
+    }
+    _, configs = resolve(raw, "in test")
+    assert configs["extract"].model == configs["evaluate"].model == STUDENT_MODEL
+    (tmp_path / "train").mkdir()  # an earlier run trained (or began to train) one: that is the model then
+    _, configs = resolve(raw, "in test")
+    assert configs["extract"].model == configs["evaluate"].model == f"{tmp_path}/train"
+
+
+def test_an_evaluate_that_scores_predictions_runs_no_model(tmp_path):
+    raw = {
+        "workdir": str(tmp_path),
+        "stages": ["train", "evaluate"],
+        "train": {"data": "conversations.json"},
+        "evaluate": {"data": ["dev.txt"], "predictions": "answers.jsonl"},
+    }
+    _, configs = resolve(raw, "in test")
+    assert configs["evaluate"].model == "" and configs["evaluate"].predictions == "answers.jsonl"
+
+
 def test_dry_run_of_a_fresh_recipe_plans_every_stage(tmp_path):
     from conftest import run_cli
 

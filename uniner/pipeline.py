@@ -67,14 +67,23 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
         outputs["corpus"] = workdir.join("corpus").uri
     elif isinstance(raw.get("passages"), dict) and raw["passages"].get("input"):
         outputs["corpus"] = str(raw["passages"]["input"])
+    # Without a model trained in this run or an earlier one, extract and evaluate keep their own default model, the
+    # built-in student, instead of a folder that does not exist.
+    train_output = storage.locate(outputs["train"], s3_endpoint_url=pipeline.s3_endpoint_url)
+    if "train" not in pipeline.stages and not storage.exists(train_output):
+        del outputs["train"]
     for name in pipeline.stages:
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise UserError(f"section {name!r} {where} must be a mapping of settings")
         values = {"output": workdir.join(name).uri, "s3_endpoint_url": pipeline.s3_endpoint_url}
         # Unless its section says otherwise, a stage reads an earlier stage's output (from this run or an earlier
-        # one), or the corpus (the sample corpus, else the passages stage's input).
-        values.update({key: outputs[source] for key, source in STAGES[name].sources.items() if source in outputs})
+        # one), or the corpus (the sample corpus, else the passages stage's input); an evaluate that scores a
+        # predictions file runs no model.
+        sources = {key: source for key, source in STAGES[name].sources.items() if source in outputs}
+        if section.get("predictions"):
+            sources.pop("model", None)
+        values.update({key: outputs[source] for key, source in sources.items()})
         values.update({str(k).replace("-", "_"): v for k, v in section.items()})
         cls = STAGES[name].config
         config = build_config(cls, {}, where)
