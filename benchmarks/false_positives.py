@@ -16,7 +16,6 @@ bounds what fixing that one type could be worth. Same --sample and --seed as the
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from evaluate_dev import SHARED, ZERO_SHOT
 
 from uniner import evaluate
 from uniner.config import EvaluateConfig
+from uniner.errors import UserError
 
 KINDS = ["other type", "overlap", "not in text", "unlabelled"]
 
@@ -48,49 +48,52 @@ def main() -> None:
             f"--predictions {args.predictions}: no such file; give an evaluate_dev row's predictions.jsonl"
         )
     config = EvaluateConfig(
-        data=[str(SHARED / f) for f in ZERO_SHOT], sample_per_dataset=args.sample, seed=args.seed, output="unused"
+        data=[str(SHARED / f) for f in ZERO_SHOT],
+        predictions=args.predictions,
+        sample_per_dataset=args.sample,
+        seed=args.seed,
+        output="unused",
     )
-    answers = {}
-    with open(args.predictions) as lines:
-        for line in lines:
-            row = json.loads(line)
-            answers[row["dataset"], row["id"]] = row["output"]
-
     datasets = evaluate.load_queries(config)
-    for name, queries in datasets.items():
-        if any((name, q.id) not in answers for q in queries):
-            raise SystemExit(
-                f"{args.predictions} lacks answers for {name}: use the evaluate_dev run's --sample, --seed"
-            )
+    try:
+        answers, _ = evaluate.read_predictions(config, datasets)
+    except UserError as error:  # a malformed line: one line, not a traceback
+        raise SystemExit(f"false_positives: {error}") from None
+    covered, total = evaluate.covered_queries(datasets, answers)
+    if covered < total:
+        raise SystemExit(
+            f"false_positives: {args.predictions} answers {covered} of {total} queries: "
+            "give the --sample and --seed of the evaluate_dev run that wrote it"
+        )
+
     print("| set | predicted | right | " + " | ".join(KINDS) + f" | F1 | F1, {args.empty or 'no type'} answered [] |")
     print("| --- " * (len(KINDS) + 5) + "|")
-    means, confusions = [], Counter()
+    means, means_if_empty, confusions = [], [], Counter()
     for name, queries in datasets.items():
         gold_of_sentence: dict[str, dict[str, str]] = defaultdict(dict)  # text -> gold entity -> its type
         for query in queries:
             gold_of_sentence[query.text].update(dict.fromkeys(evaluate.official_items(query.gold), query.entity_type))
         kinds: Counter[str] = Counter()
-        right = predicted = gold = right_if_empty = predicted_if_empty = 0
+        counts, counts_if_empty = evaluate.Counts(), evaluate.Counts()
         for query in queries:
-            said = set(evaluate.official_items(evaluate.answer_text(answers[name, query.id])))
-            truth = set(evaluate.official_items(query.gold))
+            said = evaluate.official_items(evaluate.answer_text(answers[name, query.id]))
+            truth = evaluate.official_items(query.gold)
             sentence_gold = gold_of_sentence[query.text]
-            for wrong in said - truth:
+            for wrong in set(said) - set(truth):
                 kinds[kind_of(wrong, query.text, sentence_gold)] += 1
                 if wrong in sentence_gold:
                     confusions[name, sentence_gold[wrong], query.entity_type] += 1
-            right, predicted, gold = right + len(said & truth), predicted + len(said), gold + len(truth)
-            if query.entity_type == args.empty and name.endswith("-dev"):
-                said = set()
-            right_if_empty, predicted_if_empty = right_if_empty + len(said & truth), predicted_if_empty + len(said)
-        f1 = 100 * evaluate.prf(right, predicted, gold)["f1"]
-        f1_if_empty = 100 * evaluate.prf(right_if_empty, predicted_if_empty, gold)["f1"]
-        cells = [str(predicted), str(right), *(str(kinds[k]) for k in KINDS), f"{f1:.1f}", f"{f1_if_empty:.1f}"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-        means.append((f1, f1_if_empty))
+            counts.add(said, truth)
+            emptied = query.entity_type == args.empty and name.endswith("-dev")
+            counts_if_empty.add([] if emptied else said, truth)
+        f1, f1_if_empty = 100 * counts.scores()["f1"], 100 * counts_if_empty.scores()["f1"]
+        cells = [str(counts.predicted), str(counts.correct), *(str(kinds[k]) for k in KINDS), f"{f1:.1f}"]
+        print(f"| {name} | " + " | ".join([*cells, f"{f1_if_empty:.1f}"]) + " |")
+        means.append(f1)
+        means_if_empty.append(f1_if_empty)
     print(
-        f"zero-shot mean F1 {sum(m[0] for m in means) / len(means):.2f}, "
-        f"with {args.empty or 'no type'} answered [] {sum(m[1] for m in means) / len(means):.2f}"
+        f"zero-shot mean F1 {evaluate.mean_f1(means):.2f}, "
+        f"with {args.empty or 'no type'} answered [] {evaluate.mean_f1(means_if_empty):.2f}"
     )
     print("\nthe most frequent `other type` answers (set: gold type -> type asked):")
     for (name, gold_type, asked), count in confusions.most_common(10):
