@@ -247,12 +247,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_and_resumed):
     assert on_disk["resumed_from_steps"] == [2] and on_disk["steps_per_epoch"] == 2
 
 
-def test_checkpoints_are_in_s3_and_older_ones_are_dropped(killed_and_resumed):
+def test_a_finished_run_leaves_its_weights_and_deletes_its_checkpoints(killed_and_resumed):
+    """The run resumed from a checkpoint in S3 (the test above); once its weights are in the output, the checkpoints
+    (weights and optimizer state, three times the model) are gone from the bucket."""
     summary, out, _ = killed_and_resumed
-    assert summary["final_checkpoint"].endswith("student/_ray/train/checkpoint_00000008")
-    checkpoints = sorted(p.name for p in (out / "_ray" / "train").glob("checkpoint_*") if p.is_dir())
-    assert checkpoints == ["checkpoint_00000006", "checkpoint_00000008"]  # keep_checkpoints: 2
-    assert (out / "_ray" / "train" / "checkpoint_00000008" / train.MODEL_DIR / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "_summary.json").is_file()
+    assert not (out / train.RAY_DIR).exists(), sorted(p.name for p in (out / train.RAY_DIR).rglob("*"))[:5]
 
 
 def test_rejected_conversations_land_in_rejects_with_their_reason(killed_and_resumed):
@@ -269,10 +269,7 @@ def test_output_is_a_plain_hugging_face_folder(killed_and_resumed, tiny_model_di
     _, out, _ = killed_and_resumed
     model = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    final = AutoModelForCausalLM.from_pretrained(out / "_ray" / "train" / "checkpoint_00000008" / train.MODEL_DIR)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    for name, weight in model.state_dict().items():
-        assert torch.equal(weight, final.state_dict()[name]), name
     assert not torch.equal(
         model.state_dict()["model.embed_tokens.weight"], initial.state_dict()["model.embed_tokens.weight"]
     )
@@ -402,3 +399,24 @@ def test_bad_training_data_is_one_line_naming_the_file_and_line_before_ray_start
     assert lines[-1].startswith("uniner: error: ") and expected in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr and "Ray" not in result.stderr and len(lines) <= 2
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_whose_checkpoints_cannot_fit_on_the_disk_is_refused_before_ray_starts(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import shutil
+
+    from uniner.errors import UserError
+
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in synthetic_conversations(3)))
+    config = TrainConfig(data=str(data), output=str(tmp_path / "o"), model=str(tiny_model_dir), max_steps=1)
+    from transformers import AutoModelForCausalLM
+
+    needed = train.disk_needed(config, tiny_model_dir)
+    # three checkpoints of fp32 weights and Adam's two moments (2 kept, 1 being written), then the fp32 weights
+    assert needed == (3 * 12 + 4) * AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * needed, 0, needed - 1))
+    with pytest.raises(UserError, match=r"GB free; this run writes up to .*lower --keep-checkpoints"):
+        train.run(config)
+    assert not any((tmp_path / "o").iterdir())

@@ -321,7 +321,9 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = setting(
         0, "Save a checkpoint every N steps (a killed run resumes from the last); 0: only at the end."
     )
-    keep_checkpoints: int = setting(2, "Checkpoints kept in OUTPUT/_ray; older ones are deleted.")
+    keep_checkpoints: int = setting(
+        2, "Checkpoints kept in OUTPUT/_ray while the run goes on; older ones are deleted, and all once it ends."
+    )
     max_failures: int = setting(3, "Restarts of the worker group from the last checkpoint after a worker fails.")
     seed: int = setting(0, "Seed of initialisation, data order and turn shuffling.")
 

@@ -6,8 +6,8 @@ length, trains under DDP or FSDP and reports a checkpoint every N steps -> the f
 
 OUTPUT/ is a plain Hugging Face model folder (config.json, model.safetensors, tokenizer), loadable by transformers and
 vLLM, with beside it: metrics.jsonl (one line per optimizer step), _rejects/ (conversations not trained on, with
-the reason), _ray/ (the Ray Train run and its checkpoints: rerunning the same command resumes from the last one)
-and _summary.json, written last.
+the reason), _ray/ (the Ray Train run and its checkpoints while it runs: rerunning the same command resumes from the
+last one; deleted once the run is finished) and _summary.json.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -533,7 +534,7 @@ def plan(config: TrainConfig) -> list[str]:
     ]
 
 
-def _prepare(output: storage.Location, config: TrainConfig) -> bool:
+def _prepare(output: storage.Location, config: TrainConfig, model_dir: Path) -> bool:
     """Make the output ready; True when an unfinished run is there to resume."""
     if storage.exists(output.join(storage.SUMMARY_FILE)) and not config.overwrite:
         raise UserError(
@@ -542,7 +543,41 @@ def _prepare(output: storage.Location, config: TrainConfig) -> bool:
     if storage.exists(output.join(RAY_DIR, RUN_NAME)) and not config.overwrite:
         return True
     storage.prepare_output(output, overwrite=config.overwrite)
+    check_disk_space(output, config, model_dir)  # after --overwrite has freed what was there
     return False
+
+
+def disk_needed(config: TrainConfig, model_dir: Path) -> int:
+    """Bytes a run writes under OUTPUT at its peak: the checkpoints kept and the one being written (fp32 weights and,
+    where every weight trains, Adam's two moments of each), then the final weights. 0 for a model that is not in
+    safetensors files, whose size the header does not tell."""
+    from safetensors import safe_open
+
+    weights = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as tensors:
+            weights += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+    per_checkpoint = 4 * weights if config.lora_rank else 12 * weights
+    return (config.keep_checkpoints + 1) * per_checkpoint + 4 * weights
+
+
+def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: Path) -> None:
+    """Refuse, before any work, a run whose checkpoints cannot fit on the local disk of OUTPUT: a full disk stops
+    training at its first checkpoint with a bare I/O error from torch. Object stores are not checked."""
+    import pyarrow.fs as pafs
+
+    if not isinstance(output.fs, pafs.LocalFileSystem):
+        return
+    folder = Path(output.path)
+    while not folder.exists():
+        folder = folder.parent
+    free, needed = shutil.disk_usage(folder).free, disk_needed(config, model_dir)
+    if free < needed:
+        raise UserError(
+            f"{output} is on a disk with {free / 1e9:.1f} GB free; this run writes up to {needed / 1e9:.1f} GB there "
+            f"({config.keep_checkpoints} checkpoints kept and one being written, each the weights and the optimizer's "
+            "state, then the weights): free space, lower --keep-checkpoints, or give an --output on another disk"
+        )
 
 
 def state_api_available() -> bool:
@@ -645,7 +680,7 @@ def run(config: TrainConfig, *, after_step: Callable[..., None] | None = None) -
             import peft  # noqa: F401
         except ImportError:
             raise UserError("--lora-rank needs peft: pip install 'uniner[lora]', or use --lora-rank 0") from None
-    resuming = _prepare(output, config)
+    resuming = _prepare(output, config, model_dir)
     init_ray()
     tokens = tokenize(config, model_dir, files)
     stats = data_stats(tokens)
@@ -683,12 +718,15 @@ def run(config: TrainConfig, *, after_step: Callable[..., None] | None = None) -
         "first_loss": metrics["first_loss"],
         "final_loss": metrics["loss"],
         "resumed_from_steps": metrics["resumed_from"],
-        "final_checkpoint": final.path,
         "precision": precision(config),
         "seconds": round(time.time() - started, 1),
         "config": to_dict(config),
     }
     storage.write_json(output.join(storage.SUMMARY_FILE), summary)
+    # The weights are in OUTPUT and a finished output is never resumed: the checkpoints (each the weights and the
+    # optimizer's state, three times the model's size) would only fill the disk. After the summary, so that a crash
+    # in between leaves a finished run, not one that tries to resume from a deleted checkpoint.
+    storage.delete_tree(output.join(RAY_DIR))
     return summary
 
 
