@@ -406,16 +406,20 @@ def test_a_run_whose_checkpoints_cannot_fit_on_the_disk_is_refused_before_ray_st
 ):
     import shutil
 
+    from transformers import AutoModelForCausalLM
+
     from uniner.errors import UserError
 
     data = tmp_path / "conv.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in synthetic_conversations(3)))
-    config = TrainConfig(data=str(data), output=str(tmp_path / "o"), model=str(tiny_model_dir), max_steps=1)
-    from transformers import AutoModelForCausalLM
-
+    config = TrainConfig(data=str(data), output=str(tmp_path / "o"), model=str(tiny_model_dir), epochs=1)
     needed = train.disk_needed(config, tiny_model_dir)
     # three checkpoints of fp32 weights and Adam's two moments (2 kept, 1 being written), then the fp32 weights
-    assert needed == (3 * 12 + 4) * AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    weights = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    assert needed == (3 * 12 + 4) * weights
+    # 8 steps with a checkpoint every 4 write two (at step 4 and at the end); one step, one
+    assert train.disk_needed(TrainConfig(max_steps=8, checkpoint_every=4), tiny_model_dir) == (2 * 12 + 4) * weights
+    assert train.disk_needed(TrainConfig(max_steps=1, checkpoint_every=4), tiny_model_dir) == (1 * 12 + 4) * weights
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * needed, 0, needed - 1))
     with pytest.raises(UserError, match=r"GB free; this run writes up to .*lower --keep-checkpoints"):
         train.run(config)

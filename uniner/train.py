@@ -549,8 +549,8 @@ def _prepare(output: storage.Location, config: TrainConfig, model_dir: Path) -> 
 
 def disk_needed(config: TrainConfig, model_dir: Path) -> int:
     """Bytes a run writes under OUTPUT at its peak: the checkpoints kept and the one being written (fp32 weights and,
-    where every weight trains, Adam's two moments of each), then the final weights. 0 for a model that is not in
-    safetensors files, whose size the header does not tell."""
+    where every weight trains, Adam's two moments of each; fewer where --max-steps saves fewer), then the final
+    weights. 0 for a model that is not in safetensors files, whose size the header does not tell."""
     from safetensors import safe_open
 
     weights = 0
@@ -558,7 +558,10 @@ def disk_needed(config: TrainConfig, model_dir: Path) -> int:
         with safe_open(file, framework="pt") as tensors:
             weights += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
     per_checkpoint = 4 * weights if config.lora_rank else 12 * weights
-    return (config.keep_checkpoints + 1) * per_checkpoint + 4 * weights
+    at_once = config.keep_checkpoints + 1
+    if config.max_steps:  # a checkpoint every --checkpoint-every steps and one at the last
+        at_once = min(at_once, math.ceil(config.max_steps / (config.checkpoint_every or config.max_steps)))
+    return at_once * per_checkpoint + 4 * weights
 
 
 def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: Path) -> None:
@@ -575,8 +578,9 @@ def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: P
     if free < needed:
         raise UserError(
             f"{output} is on a disk with {free / 1e9:.1f} GB free; this run writes up to {needed / 1e9:.1f} GB there "
-            f"({config.keep_checkpoints} checkpoints kept and one being written, each the weights and the optimizer's "
-            "state, then the weights): free space, lower --keep-checkpoints, or give an --output on another disk"
+            f"(up to {config.keep_checkpoints} checkpoints kept and one being written, each the weights and the "
+            "optimizer's state, then the weights): free space, lower --keep-checkpoints, or give an --output on "
+            "another disk"
         )
 
 
