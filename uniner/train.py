@@ -530,7 +530,7 @@ def plan(config: TrainConfig) -> list[str]:
         f"lr {config.learning_rate:g}, {config.lr_schedule} after {config.warmup_ratio:g} warmup; checkpoints "
         + (f"every {config.checkpoint_every} steps" if config.checkpoint_every else "at the end"),
         f"write the model to {config.output} (Hugging Face format), metrics to {config.output}/{METRICS_FILE}, "
-        f"checkpoints to {config.output}/{RAY_DIR}",
+        f"checkpoints to {config.output}/{RAY_DIR} until the run ends",
     ]
 
 
