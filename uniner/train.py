@@ -566,15 +566,11 @@ def disk_needed(config: TrainConfig, model_dir: Path) -> int:
 
 def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: Path) -> None:
     """Refuse, before any work, a run whose checkpoints cannot fit on the local disk of OUTPUT: a full disk stops
-    training at its first checkpoint with a bare I/O error from torch. Object stores are not checked."""
-    import pyarrow.fs as pafs
-
-    if not isinstance(output.fs, pafs.LocalFileSystem):
+    training at its first checkpoint with a bare I/O error from torch. Object stores are not checked. Called once
+    prepare_output has made the folder."""
+    if output.is_s3:
         return
-    folder = Path(output.path)
-    while not folder.exists():
-        folder = folder.parent
-    free, needed = shutil.disk_usage(folder).free, disk_needed(config, model_dir)
+    free, needed = shutil.disk_usage(output.path).free, disk_needed(config, model_dir)
     if free < needed:
         raise UserError(
             f"{output} is on a disk with {free / 1e9:.1f} GB free; this run writes up to {needed / 1e9:.1f} GB there "
