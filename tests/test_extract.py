@@ -231,7 +231,7 @@ def check_output(out, output_format):
     return rows, summary
 
 
-def cli_run(tmp_path, *options):
+def cli_run(tmp_path, *options, env=None):
     lake = make_lake(tmp_path / "lake")
     out = tmp_path / "out"
     result = run_cli(
@@ -247,7 +247,7 @@ def cli_run(tmp_path, *options):
         "--max-new-tokens",
         "24",
         *options,
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -256,7 +256,11 @@ def cli_run(tmp_path, *options):
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
     pytest.importorskip("vllm")
-    return cli_run(tmp_path_factory.mktemp("vllm"), "--backend", "vllm", "--export", "conll,spacy,gliner,html")
+    folder = tmp_path_factory.mktemp("vllm")
+    (folder / "tmp").mkdir()
+    # A temp dir of the run's own (Ray's files stay in /tmp: its socket paths must stay short), to see what it leaves.
+    env = {"TMPDIR": str(folder / "tmp"), "RAY_TMPDIR": "/tmp"}
+    return cli_run(folder, "--backend", "vllm", "--export", "conll,spacy,gliner,html", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +283,8 @@ def test_cli_on_vllm(vllm_run):
     assert len((out / "_export" / "gliner.jsonl").read_text().splitlines()) == 4
     page = (out / "_export" / "entities.html").read_text()
     assert page.count("<article>") == 4 and "Zürich" in page and "page to open:" in result.stdout
+    # vLLM's inter-process sockets went into a folder of the engine's own, removed when the engine's process ended.
+    assert not [path for path in (out.parent / "tmp").rglob("*") if path.is_socket()]
 
 
 def test_cli_on_transformers(transformers_run):

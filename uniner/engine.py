@@ -7,8 +7,11 @@ evaluation does.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import pyarrow as pa
 
@@ -51,6 +54,12 @@ class Engine:
             # The KV cache bounded (vLLM on CPU otherwise takes a large share of RAM), every core, native dtype.
             os.environ.update(vllm_cpu_settings())
             cpu = {"dtype": vllm_cpu_dtype()}
+        if "VLLM_RPC_BASE_PATH" not in os.environ:
+            # vLLM binds its inter-process sockets as files in the temp dir and leaves them there, seven an engine:
+            # a folder of this actor's own, removed when the actor's process exits, keeps them out of it.
+            sockets = tempfile.mkdtemp(prefix="uniner-vllm-sockets-")
+            atexit.register(shutil.rmtree, sockets, ignore_errors=True)
+            os.environ["VLLM_RPC_BASE_PATH"] = sockets
         from vllm import LLM, SamplingParams
 
         # With a share of a GPU, vLLM may take only that share of its memory; with several, it splits the model

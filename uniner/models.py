@@ -339,7 +339,9 @@ def openai_server(
         "--dtype",
         vllm_cpu_dtype(),
     ]
-    env = {**os.environ, **vllm_cpu_settings()}
+    # vLLM leaves its inter-process sockets behind as files: a folder of the server's own, removed when it stops.
+    sockets = tempfile.TemporaryDirectory(prefix="uniner-vllm-sockets-")
+    env = {"VLLM_RPC_BASE_PATH": sockets.name, **os.environ, **vllm_cpu_settings()}
     log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
     log.info("starting vLLM's OpenAI-compatible server for %s on port %d (log: %s)", spec, port, log_file.name)
     # Its own process group, so that stopping it reaches vLLM's engine processes too; and a death signal, so that
@@ -364,6 +366,7 @@ def openai_server(
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         log_file.close()
+        sockets.cleanup()
 
 
 def _stop_with_parent() -> None:
