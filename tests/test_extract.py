@@ -3,6 +3,8 @@ built-in student, and S3 (losing a Ray node mid-extract is in test_multinode.py)
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -256,11 +258,14 @@ def cli_run(tmp_path, *options, env=None):
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
     pytest.importorskip("vllm")
-    folder = tmp_path_factory.mktemp("vllm")
-    (folder / "tmp").mkdir()
-    # A temp dir of the run's own (Ray's files stay in /tmp: its socket paths must stay short), to see what it leaves.
-    env = {"TMPDIR": str(folder / "tmp"), "RAY_TMPDIR": "/tmp"}
-    return cli_run(folder, "--backend", "vllm", "--export", "conll,spacy,gliner,html", env=env)
+    # A temp dir of the run's own, to see what it leaves there: short, as socket paths must be; Ray's stay in /tmp.
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    env = {"TMPDIR": str(temp), "RAY_TMPDIR": "/tmp"}
+    out, result = cli_run(
+        tmp_path_factory.mktemp("vllm"), "--backend", "vllm", "--export", "conll,spacy,gliner,html", env=env
+    )
+    yield out, result, temp
+    shutil.rmtree(temp)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +276,7 @@ def transformers_run(tmp_path_factory):
 
 
 def test_cli_on_vllm(vllm_run):
-    out, result = vllm_run
+    out, result, temp = vllm_run
     rows, summary = check_output(out, "parquet")
     assert summary["backend"] == "vllm" and "queries:" in result.stdout and "by type:" in result.stdout
     assert sum(summary["entities_by_type"].values()) == summary["entities"]
@@ -284,7 +289,7 @@ def test_cli_on_vllm(vllm_run):
     page = (out / "_export" / "entities.html").read_text()
     assert page.count("<article>") == 4 and "Zürich" in page and "page to open:" in result.stdout
     # vLLM's inter-process sockets went into a folder of the engine's own, removed when the engine's process ended.
-    assert not [path for path in (out.parent / "tmp").rglob("*") if path.is_socket()]
+    assert not [path for path in temp.rglob("*") if path.is_socket()]
 
 
 def test_cli_on_transformers(transformers_run):

@@ -1,10 +1,14 @@
 """Model specs -> local folders: the built-in model, local folders, s3:// prefixes, hub ids, and bad specs."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from uniner import storage
 from uniner.errors import UserError
-from uniner.models import MARKER, load_causal_lm, resolve_model
+from uniner.models import MARKER, SOCKET_PATH_MAX, load_causal_lm, resolve_model, vllm_socket_folder
 
 
 def test_builtin_model_loads_and_generates(builtin_model_dir):
@@ -110,3 +114,23 @@ def test_the_student_builds_offline_into_an_empty_cache_from_base_and_delta(tmp_
         norm = "model.layers.7.input_layernorm.weight"
         assert rebuilt.get_tensor(norm).equal(stored.get_tensor(f"{norm}.full"))
     assert resolve_model("uniner-ner-135m") == folder  # built once
+
+
+def test_vllm_sockets_get_a_folder_of_their_own_unless_the_temp_dir_is_too_deep(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    short = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    deep = tmp_path / ("d" * 70)
+    deep.mkdir()
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        folder = vllm_socket_folder()
+        assert folder and Path(folder).parent == short and len(folder) + 37 <= SOCKET_PATH_MAX
+        # Too deep for a socket path inside one more folder: vLLM keeps its default, and no folder is left behind.
+        monkeypatch.setattr(tempfile, "tempdir", str(deep))
+        assert vllm_socket_folder() is None and not list(deep.iterdir())
+        # A folder the user names is theirs.
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(short))
+        assert vllm_socket_folder() is None
+    finally:
+        shutil.rmtree(short)

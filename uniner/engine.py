@@ -11,7 +11,6 @@ import atexit
 import importlib.util
 import os
 import shutil
-import tempfile
 
 import pyarrow as pa
 
@@ -54,10 +53,10 @@ class Engine:
             # The KV cache bounded (vLLM on CPU otherwise takes a large share of RAM), every core, native dtype.
             os.environ.update(vllm_cpu_settings())
             cpu = {"dtype": vllm_cpu_dtype()}
-        if "VLLM_RPC_BASE_PATH" not in os.environ:
-            # vLLM binds its inter-process sockets as files in the temp dir and leaves them there, seven an engine:
-            # a folder of this actor's own, removed when the actor's process exits, keeps them out of it.
-            sockets = tempfile.mkdtemp(prefix="uniner-vllm-sockets-")
+        from uniner.models import vllm_socket_folder
+
+        sockets = vllm_socket_folder()
+        if sockets:  # removed when the actor's process exits: Ray Data lets it exit when the dataset ends
             atexit.register(shutil.rmtree, sockets, ignore_errors=True)
             os.environ["VLLM_RPC_BASE_PATH"] = sockets
         from vllm import LLM, SamplingParams

@@ -288,6 +288,24 @@ def vllm_cpu_settings() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in defaults.items()}
 
 
+# The longest path a Unix socket may have: sun_path holds 108 bytes with the final NUL.
+SOCKET_PATH_MAX = 107
+
+
+def vllm_socket_folder() -> str | None:
+    """A new folder for vLLM's inter-process sockets, for the caller to remove once vLLM has stopped: vLLM binds them
+    as files in VLLM_RPC_BASE_PATH (the temp dir by default) and leaves them there, seven an engine. None where the
+    user set VLLM_RPC_BASE_PATH, or where the temp dir is too deep for a socket path inside one more folder (vLLM's
+    default then, so that a deep temp dir never stops an engine that would have started)."""
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        return None
+    folder = tempfile.mkdtemp(prefix="uniner-")
+    if len(folder) + 1 + 36 > SOCKET_PATH_MAX:  # vLLM names each socket by a uuid4
+        os.rmdir(folder)
+        return None
+    return folder
+
+
 def vllm_cpu_dtype() -> str:
     """fp32 unless the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
     try:
@@ -339,9 +357,8 @@ def openai_server(
         "--dtype",
         vllm_cpu_dtype(),
     ]
-    # vLLM leaves its inter-process sockets behind as files: a folder of the server's own, removed when it stops.
-    sockets = tempfile.TemporaryDirectory(prefix="uniner-vllm-sockets-")
-    env = {"VLLM_RPC_BASE_PATH": sockets.name, **os.environ, **vllm_cpu_settings()}
+    sockets = vllm_socket_folder()
+    env = {**os.environ, **vllm_cpu_settings(), **({"VLLM_RPC_BASE_PATH": sockets} if sockets else {})}
     log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
     log.info("starting vLLM's OpenAI-compatible server for %s on port %d (log: %s)", spec, port, log_file.name)
     # Its own process group, so that stopping it reaches vLLM's engine processes too; and a death signal, so that
@@ -366,7 +383,8 @@ def openai_server(
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         log_file.close()
-        sockets.cleanup()
+        if sockets:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 def _stop_with_parent() -> None:
