@@ -134,3 +134,24 @@ def test_vllm_sockets_get_a_folder_of_their_own_unless_the_temp_dir_is_too_deep(
         assert vllm_socket_folder() is None
     finally:
         shutil.rmtree(short)
+
+
+def test_a_vllm_server_that_cannot_start_leaves_no_socket_folder(tmp_path, monkeypatch):
+    from uniner import models
+
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    short = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        monkeypatch.setattr(models, "resolve_model", lambda spec: tmp_path)
+
+        def no_such_program(*args, **kwargs):
+            raise FileNotFoundError("no such program")
+
+        monkeypatch.setattr(models.subprocess, "Popen", no_such_program)
+        server = models.openai_server("m", served_name="m", log_path=str(tmp_path / "log"))
+        with pytest.raises(FileNotFoundError), server:
+            pass
+        assert not list(short.iterdir())
+    finally:
+        shutil.rmtree(short)

@@ -145,7 +145,9 @@ def _student(name: str, student: BuiltinStudent) -> Path:
         if _ready(folder):
             return folder
         log.info(
-            "Building the built-in student %s from %s and its shipped delta (once, about 10 s)...", name, student.base
+            "Building the built-in student %s from %s and its shipped delta (once, a few seconds)...",
+            name,
+            student.base,
         )
         folder.parent.mkdir(parents=True, exist_ok=True)
         with (
@@ -357,25 +359,26 @@ def openai_server(
         "--dtype",
         vllm_cpu_dtype(),
     ]
+    log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
     sockets = vllm_socket_folder()
     env = {**os.environ, **vllm_cpu_settings(), **({"VLLM_RPC_BASE_PATH": sockets} if sockets else {})}
-    log_file = open(log_path or tempfile.mkstemp(prefix="uniner-vllm-server-", suffix=".log")[1], "w+b")
     log.info("starting vLLM's OpenAI-compatible server for %s on port %d (log: %s)", spec, port, log_file.name)
-    # Its own process group, so that stopping it reaches vLLM's engine processes too; and a death signal, so that
-    # it stops with us even when we are killed without a chance to clean up.
-    process = subprocess.Popen(
-        command,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_stop_with_parent,
-    )
+    process = None
     try:
+        # Its own process group, so that stopping it reaches vLLM's engine processes too; and a death signal, so
+        # that it stops with us even when we are killed without a chance to clean up.
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
+        )
         _wait_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout_s, log_file)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=30)
