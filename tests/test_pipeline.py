@@ -61,6 +61,18 @@ def test_without_a_trained_model_extract_and_evaluate_run_the_built_in_student(t
     assert configs["extract"].model == configs["evaluate"].model == f"{tmp_path}/train"
 
 
+def test_the_trained_model_is_looked_up_only_where_a_stage_reads_it(tmp_path, monkeypatch):
+    from uniner import storage
+
+    looked_up = []
+    monkeypatch.setattr(storage, "exists", lambda location: looked_up.append(location.uri) or False)
+    raw = {"workdir": str(tmp_path), "stages": ["passages", "annotate"], "passages": {"input": "docs/"}}
+    resolve(raw, "in test")
+    assert looked_up == []
+    resolve({**raw, "stages": ["passages", "extract"], "extract": {"types": ["person"]}}, "in test")
+    assert looked_up == [f"{tmp_path}/train"]
+
+
 def test_an_evaluate_that_scores_predictions_runs_no_model(tmp_path):
     raw = {
         "workdir": str(tmp_path),

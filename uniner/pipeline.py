@@ -69,8 +69,12 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
         outputs["corpus"] = str(raw["passages"]["input"])
     # Without a model trained in this run or an earlier one, extract and evaluate keep their own default model, the
     # built-in student, instead of a folder that does not exist.
-    train_output = storage.locate(outputs["train"], s3_endpoint_url=pipeline.s3_endpoint_url)
-    if "train" not in pipeline.stages and not storage.exists(train_output):
+    # Looked up only where a stage of this run reads it: the lookup is a request when the workdir is on S3.
+    reads_a_model = any("train" in STAGES[name].sources.values() for name in pipeline.stages)
+    if "train" not in pipeline.stages and (
+        not reads_a_model
+        or not storage.exists(storage.locate(outputs["train"], s3_endpoint_url=pipeline.s3_endpoint_url))
+    ):
         del outputs["train"]
     for name in pipeline.stages:
         section = raw.get(name) or {}
