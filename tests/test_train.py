@@ -424,3 +424,36 @@ def test_a_run_whose_checkpoints_cannot_fit_on_the_disk_is_refused_before_ray_st
     with pytest.raises(UserError, match=r"GB free; this run writes up to .*lower --keep-checkpoints"):
         train.run(config)
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_the_temp_dir_where_checkpoints_are_first_written_counts(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+    import shutil
+    import tempfile
+
+    from uniner import storage
+    from uniner.errors import UserError
+
+    output = storage.locate(str(tmp_path / "o"))
+    (tmp_path / "o").mkdir()
+    config = TrainConfig(output=output.uri, model=str(tiny_model_dir), epochs=1)
+    needed, one = train.disk_needed(config, tiny_model_dir), train.checkpoint_bytes(config, tiny_model_dir)
+    free = {}
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free[str(path)]))
+    # On the output's disk: room for what the output holds is not enough, one more checkpoint is written first.
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
+    free[output.path] = needed
+    with pytest.raises(UserError, match=r"and each checkpoint first in the temp dir"):
+        train.check_disk_space(output, config, tiny_model_dir)
+    free[output.path] = needed + one
+    train.check_disk_space(output, config, tiny_model_dir)
+    # On a disk of its own: it needs room for one checkpoint.
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system to put the temp dir on")
+    monkeypatch.setattr(tempfile, "tempdir", "/dev/shm")
+    free[output.path], free["/dev/shm"] = needed, one - 1
+    with pytest.raises(UserError, match=r"the temp dir /dev/shm has .* set TMPDIR to a folder on a larger disk"):
+        train.check_disk_space(output, config, tiny_model_dir)
+    free["/dev/shm"] = one
+    train.check_disk_space(output, config, tiny_model_dir)

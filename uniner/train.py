@@ -547,36 +547,55 @@ def _prepare(output: storage.Location, config: TrainConfig, model_dir: Path) -> 
     return False
 
 
-def disk_needed(config: TrainConfig, model_dir: Path) -> int:
-    """Bytes a run writes under OUTPUT at its peak: the checkpoints kept and the one being written (fp32 weights and,
-    where every weight trains, Adam's two moments of each; fewer where --max-steps saves fewer), then the final
-    weights. 0 for a model that is not in safetensors files, whose size the header does not tell."""
+def weight_count(model_dir: Path) -> int:
+    """The number of weights of a model in safetensors files, from their headers; 0 for a model in other files."""
     from safetensors import safe_open
 
     weights = 0
     for file in model_dir.glob("*.safetensors"):
         with safe_open(file, framework="pt") as tensors:
             weights += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
-    per_checkpoint = 4 * weights if config.lora_rank else 12 * weights
+    return weights
+
+
+def checkpoint_bytes(config: TrainConfig, model_dir: Path) -> int:
+    """Bytes of one checkpoint: fp32 weights and, where every weight trains, Adam's two moments of each."""
+    return (4 if config.lora_rank else 12) * weight_count(model_dir)
+
+
+def disk_needed(config: TrainConfig, model_dir: Path) -> int:
+    """Bytes a run writes under OUTPUT at its peak: the checkpoints kept and the one being written (fewer where
+    --max-steps saves fewer), then the final fp32 weights."""
     at_once = config.keep_checkpoints + 1
     if config.max_steps:  # a checkpoint every --checkpoint-every steps and one at the last
         at_once = min(at_once, math.ceil(config.max_steps / (config.checkpoint_every or config.max_steps)))
-    return at_once * per_checkpoint + 4 * weights
+    return at_once * checkpoint_bytes(config, model_dir) + 4 * weight_count(model_dir)
 
 
 def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: Path) -> None:
-    """Refuse, before any work, a run whose checkpoints cannot fit on the local disk of OUTPUT: a full disk stops
-    training at its first checkpoint with a bare I/O error from torch. Object stores are not checked. Called once
-    prepare_output has made the folder."""
-    if output.is_s3:
-        return
-    free, needed = shutil.disk_usage(output.path).free, disk_needed(config, model_dir)
-    if free < needed:
+    """Refuse, before any work, a run whose checkpoints cannot fit on this machine's disks: a full disk stops
+    training at its first checkpoint with a bare I/O error from torch. Each checkpoint is first written to the temp
+    dir, then copied to OUTPUT, so the temp dir holds one more; on one disk with OUTPUT, that disk holds both. Object
+    stores are not checked; nor are other nodes' temp dirs. Called once prepare_output has made the folder."""
+    staging = Path(tempfile.gettempdir())
+    per_checkpoint = checkpoint_bytes(config, model_dir)
+    shares_a_disk = not output.is_s3 and os.stat(output.path).st_dev == os.stat(staging).st_dev
+    if not output.is_s3:
+        free = shutil.disk_usage(output.path).free
+        needed = disk_needed(config, model_dir) + (per_checkpoint if shares_a_disk else 0)
+        if free < needed:
+            raise UserError(
+                f"{output} is on a disk with {free / 1e9:.1f} GB free; this run writes up to {needed / 1e9:.1f} GB "
+                f"there (up to {config.keep_checkpoints} checkpoints kept and one being written, each the weights "
+                "and the optimizer's state, then the weights"
+                + (f", and each checkpoint first in the temp dir {staging}" if shares_a_disk else "")
+                + "): free space, lower --keep-checkpoints, or give an --output on another disk"
+            )
+    if not shares_a_disk and shutil.disk_usage(staging).free < per_checkpoint:
+        free = shutil.disk_usage(staging).free
         raise UserError(
-            f"{output} is on a disk with {free / 1e9:.1f} GB free; this run writes up to {needed / 1e9:.1f} GB there "
-            f"(up to {config.keep_checkpoints} checkpoints kept and one being written, each the weights and the "
-            "optimizer's state, then the weights): free space, lower --keep-checkpoints, or give an --output on "
-            "another disk"
+            f"the temp dir {staging} has {free / 1e9:.1f} GB free; each checkpoint ({per_checkpoint / 1e9:.1f} GB) is "
+            "written there before it is stored: free space there, or set TMPDIR to a folder on a larger disk"
         )
 
 
