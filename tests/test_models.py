@@ -47,7 +47,11 @@ def test_local_folder_is_used_in_place(builtin_model_dir):
 
 
 def test_folder_without_config_is_refused(tmp_path):
-    with pytest.raises(UserError, match="has no config.json"):
+    with pytest.raises(UserError, match="has no config.json: point to a Hugging Face model folder"):
+        resolve_model(str(tmp_path))
+    # A train output whose run was stopped before its weights were written: the error says how to finish it.
+    (tmp_path / "_ray" / "train" / "checkpoint_00000050").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"unfinished `uniner train` run .* run the same train command"):
         resolve_model(str(tmp_path))
 
 

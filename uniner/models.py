@@ -82,7 +82,7 @@ def resolve_model(spec: str, *, s3_endpoint_url: str = "") -> Path:
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise UserError(f"model folder {spec} has no config.json: point to a Hugging Face model folder")
+            raise UserError(f"model folder {spec} has no config.json: {_why_no_model(storage.locate(str(local)))}")
         return local.resolve()
     if HUB_ID.match(spec):
         return _from_hub(spec)
@@ -219,6 +219,18 @@ def _dequantize(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _why_no_model(location: storage.Location) -> str:
+    """The end of the error for a model folder without config.json: an unfinished training run says so."""
+    from uniner.train import RAY_DIR
+
+    if storage.exists(location.join(RAY_DIR)):
+        return (
+            f"it holds an unfinished `uniner train` run (checkpoints in {location.join(RAY_DIR).uri}): run the same "
+            "train command, or the pipeline, again to finish it, or give another model"
+        )
+    return "point to a Hugging Face model folder" + (" in S3" if location.is_s3 else "")
+
+
 def _from_s3(uri: str, s3_endpoint_url: str) -> Path:
     key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     folder = cache_dir() / "s3" / key
@@ -229,7 +241,7 @@ def _from_s3(uri: str, s3_endpoint_url: str) -> Path:
             return folder
         location = storage.locate(uri, s3_endpoint_url=s3_endpoint_url)
         if not storage.exists(location.join("config.json")):
-            raise UserError(f"model prefix {uri} has no config.json: point to a Hugging Face model folder in S3")
+            raise UserError(f"model prefix {uri} has no config.json: {_why_no_model(location)}")
         log.info("Downloading model %s into the cache (once)...", uri)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
