@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -461,8 +462,13 @@ def vllm_launch(request, builtin_model_dir, tmp_path_factory):
     if not any(item.name.startswith("test_happy_path_against_vllm") for item in request.session.items):
         yield None
         return
+    from uniner.models import vllm_socket_folder
+
     port = _free_port()
     log_file = tmp_path_factory.mktemp("vllm") / "server.log"
+    # Its sockets in a folder of their own, removed after: vLLM leaves them in the temp dir.
+    sockets = vllm_socket_folder()
+    private = {"VLLM_RPC_BASE_PATH": sockets} if sockets else {}
     with open(log_file, "w") as log:
         server = subprocess.Popen(
             [
@@ -485,7 +491,7 @@ def vllm_launch(request, builtin_model_dir, tmp_path_factory):
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **private},
             start_new_session=True,
         )
     yield server, port, log_file
@@ -495,6 +501,8 @@ def vllm_launch(request, builtin_model_dir, tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+    if sockets:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 @pytest.fixture
