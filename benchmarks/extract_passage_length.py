@@ -72,13 +72,13 @@ def main() -> None:
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is missing: this benchmark reads CrossNER from ../shared/data")
-    lengths = [int(n) for n in args.lengths.split(",")]
+    sets, lengths = args.sets.split(","), [int(n) for n in args.lengths.split(",")]
     default = ExtractConfig().passage_tokens
     if default not in lengths:
         sys.exit(f"--lengths must include the stage's default, {default}")
     workdir = Path(args.workdir)
     rows = []
-    for name in args.sets.split(","):
+    for name in sets:
         docs, gold, types = documents(name, args.docs, args.sentences)
         folder = workdir / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def main() -> None:
             f"| {row['set']} | {row['length']} | {row['queries']} | {row['s']:.0f} | {100 * row['p']:.1f} | "
             f"{100 * row['r']:.1f} | {100 * row['f1']:.1f} |"
         )
-    mean = {n: sum(r["f1"] for r in rows if r["length"] == n) / len(args.sets.split(",")) for n in lengths}
+    mean = {n: sum(r["f1"] for r in rows if r["length"] == n) / len(sets) for n in lengths}
     print("| mean | " + ", ".join(f"{n}: {100 * mean[n]:.1f}" for n in lengths) + " | | | | | |")
     print(f"extract_f1_short_vs_default: {mean[lengths[0]] / max(mean[default], 1e-9):.2f}")
 

@@ -413,13 +413,13 @@ def test_a_run_whose_checkpoints_cannot_fit_on_the_disk_is_refused_before_ray_st
     data = tmp_path / "conv.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in synthetic_conversations(3)))
     config = TrainConfig(data=str(data), output=str(tmp_path / "o"), model=str(tiny_model_dir), epochs=1)
-    needed = train.disk_needed(config, tiny_model_dir)
+    needed = train.disk_needed(config, train.weight_count(tiny_model_dir))
     # three checkpoints of fp32 weights and Adam's two moments (2 kept, 1 being written), then the fp32 weights
     weights = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
     assert needed == (3 * 12 + 4) * weights
     # 8 steps with a checkpoint every 4 write two (at step 4 and at the end); one step, one
-    assert train.disk_needed(TrainConfig(max_steps=8, checkpoint_every=4), tiny_model_dir) == (2 * 12 + 4) * weights
-    assert train.disk_needed(TrainConfig(max_steps=1, checkpoint_every=4), tiny_model_dir) == (1 * 12 + 4) * weights
+    assert train.disk_needed(TrainConfig(max_steps=8, checkpoint_every=4), weights) == (2 * 12 + 4) * weights
+    assert train.disk_needed(TrainConfig(max_steps=1, checkpoint_every=4), weights) == (1 * 12 + 4) * weights
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * needed, 0, needed - 1))
     with pytest.raises(UserError, match=r"GB free; this run writes up to .*lower --keep-checkpoints"):
         train.run(config)
@@ -437,7 +437,8 @@ def test_the_temp_dir_where_checkpoints_are_first_written_counts(tmp_path, tiny_
     output = storage.locate(str(tmp_path / "o"))
     (tmp_path / "o").mkdir()
     config = TrainConfig(output=output.uri, model=str(tiny_model_dir), epochs=1)
-    needed, one = train.disk_needed(config, tiny_model_dir), train.checkpoint_bytes(config, tiny_model_dir)
+    weights = train.weight_count(tiny_model_dir)
+    needed, one = train.disk_needed(config, weights), train.checkpoint_bytes(config, weights)
     free = {}
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free[str(path)]))
     # On the output's disk: room for what the output holds is not enough, one more checkpoint is written first.

@@ -71,9 +71,8 @@ def resolve(raw: dict[str, Any], where: str) -> tuple[PipelineConfig, dict[str, 
     # built-in student, instead of a folder that does not exist.
     # Looked up only where a stage of this run reads it: the lookup is a request when the workdir is on S3.
     reads_a_model = any("train" in STAGES[name].sources.values() for name in pipeline.stages)
-    if "train" not in pipeline.stages and (
-        not reads_a_model
-        or not storage.exists(storage.locate(outputs["train"], s3_endpoint_url=pipeline.s3_endpoint_url))
+    if "train" not in pipeline.stages and not (
+        reads_a_model and storage.exists(storage.locate(outputs["train"], s3_endpoint_url=pipeline.s3_endpoint_url))
     ):
         del outputs["train"]
     for name in pipeline.stages:

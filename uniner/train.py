@@ -558,18 +558,19 @@ def weight_count(model_dir: Path) -> int:
     return weights
 
 
-def checkpoint_bytes(config: TrainConfig, model_dir: Path) -> int:
-    """Bytes of one checkpoint: fp32 weights and, where every weight trains, Adam's two moments of each."""
-    return (4 if config.lora_rank else 12) * weight_count(model_dir)
+def checkpoint_bytes(config: TrainConfig, weights: int) -> int:
+    """Bytes of one checkpoint of a model of `weights` weights: fp32 weights and, where every weight trains, Adam's
+    two moments of each."""
+    return (4 if config.lora_rank else 12) * weights
 
 
-def disk_needed(config: TrainConfig, model_dir: Path) -> int:
+def disk_needed(config: TrainConfig, weights: int) -> int:
     """Bytes a run writes under OUTPUT at its peak: the checkpoints kept and the one being written (fewer where
     --max-steps saves fewer), then the final fp32 weights."""
     at_once = config.keep_checkpoints + 1
     if config.max_steps:  # a checkpoint every --checkpoint-every steps and one at the last
         at_once = min(at_once, math.ceil(config.max_steps / (config.checkpoint_every or config.max_steps)))
-    return at_once * checkpoint_bytes(config, model_dir) + 4 * weight_count(model_dir)
+    return at_once * checkpoint_bytes(config, weights) + 4 * weights
 
 
 def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: Path) -> None:
@@ -578,11 +579,13 @@ def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: P
     dir, then copied to OUTPUT, so the temp dir holds one more; on one disk with OUTPUT, that disk holds both. Object
     stores are not checked; nor are other nodes' temp dirs. Called once prepare_output has made the folder."""
     staging = Path(tempfile.gettempdir())
-    per_checkpoint = checkpoint_bytes(config, model_dir)
-    shares_a_disk = not output.is_s3 and os.stat(output.path).st_dev == os.stat(staging).st_dev
+    weights = weight_count(model_dir)
+    per_checkpoint = checkpoint_bytes(config, weights)
+    shares_a_disk = False
     if not output.is_s3:
+        shares_a_disk = os.stat(output.path).st_dev == os.stat(staging).st_dev
         free = shutil.disk_usage(output.path).free
-        needed = disk_needed(config, model_dir) + (per_checkpoint if shares_a_disk else 0)
+        needed = disk_needed(config, weights) + (per_checkpoint if shares_a_disk else 0)
         if free < needed:
             raise UserError(
                 f"{output} is on a disk with {free / 1e9:.1f} GB free; this run writes up to {needed / 1e9:.1f} GB "
@@ -591,12 +594,13 @@ def check_disk_space(output: storage.Location, config: TrainConfig, model_dir: P
                 + (f", and each checkpoint first in the temp dir {staging}" if shares_a_disk else "")
                 + "): free space, lower --keep-checkpoints, or give an --output on another disk"
             )
-    if not shares_a_disk and shutil.disk_usage(staging).free < per_checkpoint:
+    if not shares_a_disk:
         free = shutil.disk_usage(staging).free
-        raise UserError(
-            f"the temp dir {staging} has {free / 1e9:.1f} GB free; each checkpoint ({per_checkpoint / 1e9:.1f} GB) is "
-            "written there before it is stored: free space there, or set TMPDIR to a folder on a larger disk"
-        )
+        if free < per_checkpoint:
+            raise UserError(
+                f"the temp dir {staging} has {free / 1e9:.1f} GB free; each checkpoint ({per_checkpoint / 1e9:.1f} GB) "
+                "is written there before it is stored: free space there, or set TMPDIR to a folder on a larger disk"
+            )
 
 
 def state_api_available() -> bool:
